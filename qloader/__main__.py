@@ -1,0 +1,3 @@
+from qloader.cli import main
+
+main()

@@ -1,0 +1,79 @@
+"""What a checkpoint folder holds: its safetensors shards, their index, and hashes of every input file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from qloader.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Files that change what a load produces; tokenizer files are recorded too, for replays.
+INPUT_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".txt")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    shards: list[Path]
+    """Weight files in load order."""
+    sharded_metadata: dict | None
+    """The index's metadata (+ weight_map), as transformers passes it around; None when unsharded."""
+    files: list[InputFile]
+
+    @property
+    def largest_shard_bytes(self) -> int:
+        return max(shard.stat().st_size for shard in self.shards)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(shard.stat().st_size for shard in self.shards)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _find_shards(folder: Path) -> tuple[list[Path], dict | None]:
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map: dict[str, str] = index["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from e
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index_path} lists shard(s) that do not exist: {', '.join(missing)}")
+        metadata = {**index.get("metadata", {}), "all_checkpoint_keys": list(weight_map), "weight_map": weight_map}
+        return [folder / n for n in names], metadata
+    if (folder / SINGLE_NAME).is_file():
+        return [folder / SINGLE_NAME], None
+    raise CheckpointError(
+        f"checkpoint '{folder}' has no safetensors weights (expected {SINGLE_NAME} or {INDEX_NAME})"
+    )
+
+
+def inspect_checkpoint(folder: Path) -> Checkpoint:
+    """Find the weight shards and hash every input file (sorted by name)."""
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"checkpoint '{folder}' has no config.json (expected a transformers checkpoint folder)")
+    shards, metadata = _find_shards(folder)
+    inputs = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES)
+    files = [InputFile(p.name, p.stat().st_size, sha256_file(p)) for p in inputs]
+    return Checkpoint(path=folder, shards=shards, sharded_metadata=metadata, files=files)

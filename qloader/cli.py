@@ -1,0 +1,36 @@
+"""`qloader [overrides]`: compose the config with Hydra, run the stages, print a summary."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from qloader.config import CONFIG_NAME, config_dir
+from qloader.errors import QloaderError
+from qloader.schema import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=CONFIG_NAME)
+def _main(cfg: DictConfig) -> None:
+    from qloader import pipeline, summary
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        result = pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task))
+    except QloaderError as e:
+        print(f"qloader: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"qloader: manifest (failed): {run_dir / 'manifest.json'}", file=sys.stderr)
+        sys.exit(1)
+    if cfg.summary:
+        print(summary.render(result.manifest))
+
+
+def main() -> None:
+    _main()

@@ -1,0 +1,204 @@
+"""The seam with transformers' loading internals.
+
+`from_pretrained` runs these same building blocks in one long function. qloader calls them
+one stage at a time, so each can be measured, and a qloader load is the same model as a
+`from_pretrained` load with the same settings. Every call into transformers' private loading
+API lives in this module; the supported transformers range is pinned in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, convert_and_load_state_dict_in_model
+from transformers.integrations.accelerate import (
+    _get_device_map,
+    accelerate_dispatch,
+    check_and_set_device_map,
+    expand_device_map,
+)
+from transformers.modeling_utils import LoadStateDictConfig, _get_dtype, caching_allocator_warmup
+from transformers.models.auto.auto_factory import _get_model_class
+from transformers.monkey_patching import patch_output_recorders
+from transformers.utils import ContextManagers
+from transformers.utils import logging as hf_logging
+from transformers.utils.loading_report import LoadStateDictInfo
+
+from qloader.checkpoint import Checkpoint
+from qloader.errors import CheckpointError
+
+
+def causal_lm_class(config: PreTrainedConfig) -> type[PreTrainedModel]:
+    """The class `AutoModelForCausalLM` would pick for this config."""
+    try:
+        return _get_model_class(config, AutoModelForCausalLM._model_mapping)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(
+            f"config.json model_type '{config.model_type}' has no causal-LM class in transformers"
+        ) from e
+
+
+def resolve_dtype(name: str, checkpoint: Checkpoint, config: PreTrainedConfig) -> torch.dtype:
+    """`dtype=` as from_pretrained reads it ('auto': config.json's dtype, else the weights')."""
+    files = [str(s) for s in checkpoint.shards]
+    _, dtype = _get_dtype(name, files, config, checkpoint.sharded_metadata, None, True, None)
+    return dtype
+
+
+def normalize_device_map(request: str | dict) -> str | dict:
+    """'cpu' -> {'': device('cpu')}, 'cuda' -> {'': device('cuda:0')}; strategies stay strings."""
+    return check_and_set_device_map(request)
+
+
+def build_skeleton(
+    model_cls: type[PreTrainedModel],
+    config: PreTrainedConfig,
+    dtype: torch.dtype,
+    quantizer,
+    device_map_request: str | dict | None,
+    checkpoint: Checkpoint,
+) -> PreTrainedModel:
+    """The model on the meta device, with quantized modules swapped in (no weights touched)."""
+    config = copy.deepcopy(config)
+    config.name_or_path = str(checkpoint.path)
+    init = model_cls.get_init_context(dtype, quantizer is not None, False, None)
+    with ContextManagers(init):
+        model = model_cls(config)
+        patch_output_recorders(model)
+        if quantizer is not None:
+            quantizer.preprocess_model(
+                model=model,
+                dtype=dtype,
+                device_map=device_map_request,
+                checkpoint_files=[str(s) for s in checkpoint.shards],
+                use_kernels=False,
+            )
+    return model
+
+
+def infer_device_map(model: PreTrainedModel, request: str | dict, max_memory: dict | None, quantizer) -> dict:
+    """accelerate's inference over a quantization-aware skeleton (a dict request is kept as given)."""
+    return _get_device_map(model, request, max_memory, quantizer)
+
+
+def load_state_config(model: PreTrainedModel, checkpoint: Checkpoint, device_map, dtype, quantizer):
+    return LoadStateDictConfig(
+        pretrained_model_name_or_path=str(checkpoint.path),
+        sharded_metadata=checkpoint.sharded_metadata,
+        device_map=device_map,
+        dtype=dtype,
+        dtype_plan=model._get_dtype_plan(dtype),
+        hf_quantizer=quantizer,
+        weights_only=True,
+        weight_mapping=get_model_conversion_mapping(model, None, quantizer),
+        use_safetensors=True,
+    )
+
+
+def _owner(key: str, modules: set[str]) -> str:
+    """The deepest module a checkpoint key belongs to ('l.0.q.weight.absmax' -> 'l.0.q')."""
+    parts = key.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        if (prefix := ".".join(parts[:end])) in modules:
+            return prefix
+    return key
+
+
+def shard_batches(model: PreTrainedModel, keys_per_shard: dict[Path, list[str]], weight_mapping) -> list[list]:
+    """Group checkpoint keys into one batch per shard, keeping each module's tensors together.
+
+    A pre-quantized module's packed weight and quant-state tensors may sit in different shards;
+    its whole group loads with the shard where it first appears. Models whose conversions fuse
+    tensors across modules (e.g. MoE experts) load in one batch.
+    """
+    if any(isinstance(t, WeightConverter) for t in weight_mapping or []):
+        return [[(shard, key) for shard, keys in keys_per_shard.items() for key in keys]]
+    modules = {name for name, _ in model.named_modules()}
+    batch_of_owner: dict[str, int] = {}
+    batches: list[list] = [[] for _ in keys_per_shard]
+    for index, (shard, keys) in enumerate(keys_per_shard.items()):
+        for key in keys:
+            batches[batch_of_owner.setdefault(_owner(key, modules), index)].append((shard, key))
+    return batches
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Mute transformers' own per-call progress bar; the load stage shows one bar for the whole load."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_shards(
+    model: PreTrainedModel,
+    checkpoint: Checkpoint,
+    load_config: LoadStateDictConfig,
+    on_batch: Callable[[int, int], None] = lambda index, tensors: None,
+) -> LoadStateDictInfo:
+    """Stream the shards: each batch is read lazily (mmap), quantized on the fly and placed."""
+    expected = set(model.state_dict())
+    if load_config.device_map is not None:
+        caching_allocator_warmup(model, expand_device_map(load_config.device_map, list(expected)), load_config.hf_quantizer)
+    loaded: set[str] = set()
+    unexpected: set[str] = set()
+    mismatched: set = set()
+    errors: list[str] = []
+    with ExitStack() as stack, _quiet_transformers():
+        handles = {s: stack.enter_context(safe_open(s, framework="pt", device="cpu")) for s in checkpoint.shards}
+        keys_per_shard = {s: list(h.keys()) for s, h in handles.items()}
+        for index, batch in enumerate(shard_batches(model, keys_per_shard, load_config.weight_mapping)):
+            state_dict = {key: handles[shard].get_slice(key) for shard, key in batch}
+            batch_expected = set(model.state_dict())
+            info, _ = convert_and_load_state_dict_in_model(model=model, state_dict=state_dict, load_config=load_config)
+            loaded |= batch_expected - info.missing_keys
+            unexpected |= info.unexpected_keys
+            mismatched |= info.mismatched_keys
+            errors += info.error_msgs
+            on_batch(index, len(batch))
+    return LoadStateDictInfo(
+        missing_keys=expected - loaded,
+        unexpected_keys=unexpected,
+        mismatched_keys=mismatched,
+        error_msgs=errors,
+        conversion_errors={},
+        skipped_pp_keys=set(),
+    )
+
+
+def finalize(model: PreTrainedModel, load_config: LoadStateDictConfig, info: LoadStateDictInfo, quantizer) -> None:
+    """What from_pretrained does after the weights: tie, init missing, eval, generation config, dispatch."""
+    PreTrainedModel._finalize_model_loading(model, load_config, info)
+    model.eval()
+    if model.can_generate():
+        model.adjust_generation_fn(
+            generation_config=None,
+            from_auto_class=True,
+            from_pipeline=None,
+            pretrained_model_name_or_path=load_config.pretrained_model_name_or_path,
+            cache_dir=None,
+            force_download=False,
+            proxies=None,
+            local_files_only=True,
+            token=None,
+            revision=None,
+            subfolder="",
+            trust_remote_code=False,
+        )
+    device_map = load_config.device_map
+    if device_map is not None and len(set(device_map.values())) > 1:
+        accelerate_dispatch(model, quantizer, device_map, None, None, False)
+    if quantizer is not None:
+        model.hf_quantizer = quantizer
+        quantizer.postprocess_model(model)

