@@ -60,13 +60,15 @@ def _find_shards(folder: Path) -> tuple[list[Path], dict | None]:
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise CheckpointError(f"{index_path} lists shard(s) that do not exist: {', '.join(missing)}")
-        metadata = {**index.get("metadata", {}), "all_checkpoint_keys": list(weight_map), "weight_map": weight_map}
+        metadata = {
+            **index.get("metadata", {}),
+            "all_checkpoint_keys": list(weight_map),
+            "weight_map": weight_map,
+        }
         return [folder / n for n in names], metadata
     if (folder / SINGLE_NAME).is_file():
         return [folder / SINGLE_NAME], None
-    raise CheckpointError(
-        f"checkpoint '{folder}' has no safetensors weights (expected {SINGLE_NAME} or {INDEX_NAME})"
-    )
+    raise CheckpointError(f"checkpoint '{folder}' has no safetensors weights (expected {SINGLE_NAME} or {INDEX_NAME})")
 
 
 def inspect_checkpoint(folder: Path) -> Checkpoint:

@@ -72,7 +72,11 @@ def _gpus() -> list[dict]:
     if torch is None or not torch.cuda.is_available():
         return []
     return [
-        {"index": i, "name": torch.cuda.get_device_name(i), "memory_bytes": torch.cuda.get_device_properties(i).total_memory}
+        {
+            "index": i,
+            "name": torch.cuda.get_device_name(i),
+            "memory_bytes": torch.cuda.get_device_properties(i).total_memory,
+        }
         for i in range(torch.cuda.device_count())
     ]
 

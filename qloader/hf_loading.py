@@ -150,7 +150,9 @@ def load_shards(
     """Stream the shards: each batch is read lazily (mmap), quantized on the fly and placed."""
     expected = set(model.state_dict())
     if load_config.device_map is not None:
-        caching_allocator_warmup(model, expand_device_map(load_config.device_map, list(expected)), load_config.hf_quantizer)
+        caching_allocator_warmup(
+            model, expand_device_map(load_config.device_map, list(expected)), load_config.hf_quantizer
+        )
     loaded: set[str] = set()
     unexpected: set[str] = set()
     mismatched: set = set()

@@ -60,7 +60,11 @@ def _checkpoint_section(ctx) -> dict | None:
     if ctx.checkpoint is None:
         return None
     files = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in ctx.checkpoint.files]
-    return {"path": str(ctx.checkpoint.path), "shards": [s.name for s in ctx.checkpoint.shards], "files": files}
+    return {
+        "path": str(ctx.checkpoint.path),
+        "shards": [s.name for s in ctx.checkpoint.shards],
+        "files": files,
+    }
 
 
 def _quantization_section(ctx) -> dict | None:

@@ -1,19 +1,21 @@
 """Per-stage measurement: wall time, peak RSS and peak anonymous RSS *during* the stage, CUDA peaks.
 
 Peak RSS comes from the kernel's high-water mark (`VmHWM`), reset at each stage start through
-`/proc/self/clear_refs`. The kernel keeps no such mark for anonymous memory, so a sampler thread
-reads `RssAnon` every few milliseconds. Where `/proc` lacks these, figures are None and
+`/proc/self/clear_refs`. The kernel keeps no such mark for anonymous memory, so a helper process
+reads this process's `RssAnon` every few milliseconds. Where `/proc` lacks these, figures are None and
 `MEMORY_METHOD` says why.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 STATUS = Path("/proc/self/status")
@@ -50,34 +52,70 @@ def memory_method() -> dict[str, str | None]:
         "rss_peak": "VmHWM, reset per stage via /proc/self/clear_refs"
         if status["VmHWM"] is not None and _reset_hwm()
         else None,
-        "anon_peak": f"RssAnon sampled every {SAMPLE_INTERVAL_S * 1000:g} ms"
+        "anon_peak": f"RssAnon sampled every {SAMPLE_INTERVAL_S * 1000:g} ms by a helper process"
         if status["RssAnon"] is not None
         else None,
     }
 
 
-class _AnonSampler(threading.Thread):
-    """Tracks the highest RssAnon seen while it runs."""
+# Runs in its own process, so it keeps sampling while this one holds the GIL in a long C call.
+# Each line on stdin asks for the peak since the previous line, answered on stdout.
+_SAMPLER = r"""
+import select, sys
+path, interval = f"/proc/{sys.argv[1]}/status", float(sys.argv[2])
+def anon():
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+peak = anon() or 0
+while True:
+    ready = select.select([sys.stdin], [], [], interval)[0]
+    value = anon()
+    if value is None:
+        break
+    peak = max(peak, value)
+    if ready:
+        if not sys.stdin.readline():
+            break
+        print(peak, flush=True)
+        peak = value
+"""
+
+
+class _AnonSampler:
+    """A helper process that tracks this process's peak RssAnon between two `peak()` calls."""
+
+    _instance: _AnonSampler | None = None
 
     def __init__(self) -> None:
-        super().__init__(daemon=True, name="qloader-anon-sampler")
-        self.peak: int | None = _read_status("RssAnon")["RssAnon"]
-        self._stop_event = threading.Event()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-S", "-E", "-c", _SAMPLER, str(os.getpid()), str(SAMPLE_INTERVAL_S)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        atexit.register(self._proc.kill)
 
-    def run(self) -> None:
-        while not self._stop_event.wait(SAMPLE_INTERVAL_S):
-            self._sample()
+    @classmethod
+    def shared(cls) -> _AnonSampler | None:
+        if _read_status("RssAnon")["RssAnon"] is None:
+            return None
+        if cls._instance is None or cls._instance._proc.poll() is not None:
+            cls._instance = cls()
+        return cls._instance
 
-    def _sample(self) -> None:
-        value = _read_status("RssAnon")["RssAnon"]
-        if value is not None and (self.peak is None or value > self.peak):
-            self.peak = value
-
-    def stop(self) -> int | None:
-        self._stop_event.set()
-        self.join()
-        self._sample()
-        return self.peak
+    def peak(self) -> int | None:
+        """The highest RssAnon since the last call (the first call starts the window)."""
+        try:
+            self._proc.stdin.write("\n")
+            self._proc.stdin.flush()
+            return int(self._proc.stdout.readline())
+        except (OSError, ValueError):
+            return None
 
 
 @dataclass
@@ -90,10 +128,9 @@ class StageStats:
     anon_peak_bytes: int | None = None
     cuda: dict[str, dict[str, int]] | None = None
     status: str = "running"
-    extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "extra"}
+        return dict(self.__dict__)
 
 
 def _cuda_ready():
@@ -130,8 +167,9 @@ def measure_stage(name: str) -> Iterator[StageStats]:
     start = _read_status("VmRSS", "RssAnon")
     stats.rss_start_bytes, stats.anon_start_bytes = start["VmRSS"], start["RssAnon"]
     _cuda_reset()
-    sampler = _AnonSampler()
-    sampler.start()
+    sampler = _AnonSampler.shared()
+    if sampler is not None:
+        sampler.peak()  # opens this stage's window
     t0 = time.perf_counter()
     try:
         yield stats
@@ -141,6 +179,6 @@ def measure_stage(name: str) -> Iterator[StageStats]:
         raise
     finally:
         stats.wall_s = round(time.perf_counter() - t0, 4)
-        stats.anon_peak_bytes = sampler.stop()
+        stats.anon_peak_bytes = sampler.peak() if sampler is not None else None
         stats.rss_peak_bytes = _read_status("VmHWM")["VmHWM"] if hwm_reset else None
         stats.cuda = _cuda_peaks()

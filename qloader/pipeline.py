@@ -33,7 +33,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> LoadResult:
     manifest = RunManifest(Path(run_dir) / "manifest.json", cfg, overrides).begin()
     ctx, current = LoadContext(cfg=cfg), None
     try:
-        for current, stage in zip(STAGE_NAMES, STAGES):
+        for current, stage in zip(STAGE_NAMES, STAGES, strict=True):
             stats = None
             try:
                 with measure_stage(current) as stats:

@@ -18,11 +18,17 @@ def check_quant_fields(quant: DictConfig) -> list[str]:
         return []
     problems = []
     if quant.load_in_4bit and quant.load_in_8bit:
-        problems.append("quant.load_in_4bit and quant.load_in_8bit are both true; choose one (quant=bnb-nf4 or quant=bnb-int8)")
+        problems.append(
+            "quant.load_in_4bit and quant.load_in_8bit are both true; choose one (quant=bnb-nf4 or quant=bnb-int8)"
+        )
     if not (quant.load_in_4bit or quant.load_in_8bit):
-        problems.append("quant: bitsandbytes needs quant.load_in_4bit=true or quant.load_in_8bit=true (or use quant=none)")
+        problems.append(
+            "quant: bitsandbytes needs quant.load_in_4bit=true or quant.load_in_8bit=true (or use quant=none)"
+        )
     if quant.bnb_4bit_quant_type not in QUANT_TYPES:
-        problems.append(f"quant.bnb_4bit_quant_type '{quant.bnb_4bit_quant_type}' is not one of {', '.join(QUANT_TYPES)}")
+        problems.append(
+            f"quant.bnb_4bit_quant_type '{quant.bnb_4bit_quant_type}' is not one of {', '.join(QUANT_TYPES)}"
+        )
     if quant.bnb_4bit_compute_dtype is not None and quant.bnb_4bit_compute_dtype not in TORCH_DTYPES:
         problems.append(
             f"quant.bnb_4bit_compute_dtype '{quant.bnb_4bit_compute_dtype}' is not one of {', '.join(TORCH_DTYPES)}"

@@ -9,7 +9,7 @@ YAML options.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -59,7 +59,7 @@ class LocalModelConfig(ModelConfig):
 class HubModelConfig(ModelConfig):
     _target_: str = "qloader.sources.hub_checkpoint"
     repo_id: str = MISSING
-    revision: Optional[str] = None
+    revision: str | None = None
 
 
 # ---------------------------------------------------------------- quant: transformers' quantization config
@@ -67,32 +67,32 @@ class HubModelConfig(ModelConfig):
 
 @dataclass
 class QuantConfig:
-    _target_: Optional[str] = None
+    _target_: str | None = None
     """The transformers quantization-config class to build; null loads unquantized."""
 
 
 @dataclass
 class NoQuantConfig(QuantConfig):
-    _target_: Optional[str] = None
+    _target_: str | None = None
 
 
 @dataclass
 class BnbQuantConfig(QuantConfig):
     """Every field is a `transformers.BitsAndBytesConfig` field, under the same name."""
 
-    _target_: Optional[str] = "transformers.BitsAndBytesConfig"
+    _target_: str | None = "transformers.BitsAndBytesConfig"
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     llm_int8_threshold: float = 6.0
-    llm_int8_skip_modules: Optional[list[str]] = None
+    llm_int8_skip_modules: list[str] | None = None
     llm_int8_enable_fp32_cpu_offload: bool = False
     llm_int8_has_fp16_weight: bool = False
-    bnb_4bit_compute_dtype: Optional[str] = None
+    bnb_4bit_compute_dtype: str | None = None
     """A torch dtype name (bfloat16, float16, float32); null means float32, as in transformers."""
     bnb_4bit_quant_type: str = "fp4"
     """nf4 or fp4."""
     bnb_4bit_use_double_quant: bool = False
-    bnb_4bit_quant_storage: Optional[str] = None
+    bnb_4bit_quant_storage: str | None = None
     """A torch dtype name for the packed storage; null means uint8."""
 
 

@@ -116,9 +116,7 @@ def local_checkpoint(path: str) -> Path:
     if not folder.is_dir():
         raise CheckpointError(f"model.path '{path}' is not a directory (expected a transformers checkpoint folder)")
     if not (folder / "config.json").is_file():
-        raise CheckpointError(
-            f"model.path '{path}' has no config.json (expected a transformers checkpoint folder)"
-        )
+        raise CheckpointError(f"model.path '{path}' has no config.json (expected a transformers checkpoint folder)")
     return folder.resolve()
 
 

@@ -16,7 +16,14 @@ from omegaconf import DictConfig
 
 from qloader import devices, quantization
 from qloader.checkpoint import Checkpoint, inspect_checkpoint
-from qloader.errors import CheckpointError, ConfigError, DeviceMapError, EnvironmentMismatchError, LoadError
+from qloader.errors import (
+    CheckpointError,
+    ConfigError,
+    DeviceMapError,
+    EnvironmentMismatchError,
+    LoadError,
+    QloaderError,
+)
 
 if TYPE_CHECKING:
     from qloader.inventory import Inventory
@@ -64,6 +71,18 @@ def _check_fields(cfg: DictConfig) -> None:
         raise ConfigError(problems)
 
 
+def _checkpoint_folder(model: DictConfig) -> Path:
+    """Run the model source (`model._target_`); its own error passes through unwrapped."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return Path(instantiate(model))
+    except InstantiationException as e:
+        if isinstance(e.__cause__, QloaderError):
+            raise e.__cause__ from None
+        raise CheckpointError(f"model source '{model._target_}' failed: {e.__cause__ or e}") from e
+
+
 def resolve(ctx: LoadContext) -> LoadContext:
     """Composed config -> checkpoint folder, transformers config, quantization config (merged if pre-quantized)."""
     from transformers import AutoConfig
@@ -71,7 +90,7 @@ def resolve(ctx: LoadContext) -> LoadContext:
     from qloader import hf_loading
 
     _check_fields(ctx.cfg)
-    checkpoint = inspect_checkpoint(Path(instantiate(ctx.cfg.model)))
+    checkpoint = inspect_checkpoint(_checkpoint_folder(ctx.cfg.model))
     try:
         hf_config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
     except (OSError, ValueError) as e:

@@ -1,0 +1,31 @@
+"""Per-stage memory: each stage sees its own peak, not the process's peak so far."""
+
+from __future__ import annotations
+
+import pytest
+
+from qloader.measure import measure_stage, memory_method
+
+MiB = 2**20
+
+
+@pytest.mark.skipif(memory_method()["rss_peak"] is None, reason="no VmHWM reset on this platform")
+def test_stage_peaks_are_per_stage() -> None:
+    with measure_stage("big") as big:
+        block = bytearray(200 * MiB)
+        block[::4096] = b"x" * len(block[::4096])  # touch every page
+        del block
+    with measure_stage("small") as small:
+        small_block = bytearray(8 * MiB)
+        del small_block
+    assert big.rss_peak_bytes - big.rss_start_bytes >= 190 * MiB
+    assert big.anon_peak_bytes - big.anon_start_bytes >= 190 * MiB
+    assert small.rss_peak_bytes - small.rss_start_bytes < 100 * MiB  # the earlier 200 MiB is not counted
+    assert small.anon_peak_bytes - small.anon_start_bytes < 100 * MiB
+    assert big.status == small.status == "succeeded" and big.wall_s > 0
+
+
+def test_failed_stage_is_still_measured() -> None:
+    with pytest.raises(RuntimeError), measure_stage("broken") as stats:
+        raise RuntimeError("boom")
+    assert stats.status == "failed" and stats.wall_s >= 0 and stats.rss_peak_bytes is not None
