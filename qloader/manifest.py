@@ -67,6 +67,11 @@ def _checkpoint_section(ctx) -> dict | None:
     }
 
 
+def _plain(value: Any) -> Any:
+    """An enum (transformers' QuantizationMethod) as its plain value."""
+    return getattr(value, "value", value)
+
+
 def _quantization_section(ctx) -> dict | None:
     from qloader.quantization import describe
 
@@ -74,9 +79,9 @@ def _quantization_section(ctx) -> dict | None:
         return None
     qconfig = ctx.quantization_config
     return {
-        "method": "none" if qconfig is None else str(getattr(qconfig.quant_method, "value", qconfig.quant_method)),
+        "method": "none" if qconfig is None else _plain(qconfig.quant_method),
         "description": describe(qconfig),
-        "config": None if qconfig is None else qconfig.to_dict(),
+        "config": None if qconfig is None else {key: _plain(value) for key, value in qconfig.to_dict().items()},
         "quantizer": None if ctx.quantizer is None else type(ctx.quantizer).__name__,
         "pre_quantized": ctx.pre_quantized,
         "merge": [row.__dict__ for row in ctx.merge],

@@ -30,6 +30,7 @@ def test_success_manifest_is_schema_valid_and_complete(nf4_run) -> None:
     assert all(s["status"] == "succeeded" and s["wall_s"] >= 0 for s in manifest["stages"])
     assert manifest["quantization"]["method"] == "bitsandbytes"
     assert manifest["quantization"]["config"]["bnb_4bit_quant_type"] == "nf4"
+    assert manifest["quantization"]["config"]["quant_method"] == "bitsandbytes"
     assert manifest["quantization"]["pre_quantized"] is False
     assert manifest["model"]["quantized_modules"] == 14
     assert manifest["model"]["skipped_modules"] == ["lm_head"]
