@@ -30,6 +30,8 @@ class Checkpoint:
     sharded_metadata: dict | None
     """The index's metadata (+ weight_map), as transformers passes it around; None when unsharded."""
     files: list[InputFile]
+    tensors: dict[str, Path]
+    """Tensor name -> the shard that holds it, from the shards' own headers."""
 
     @property
     def largest_shard_bytes(self) -> int:
@@ -78,4 +80,18 @@ def inspect_checkpoint(folder: Path) -> Checkpoint:
     shards, metadata = _find_shards(folder)
     inputs = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES)
     files = [InputFile(p.name, p.stat().st_size, sha256_file(p)) for p in inputs]
-    return Checkpoint(path=folder, shards=shards, sharded_metadata=metadata, files=files)
+    return Checkpoint(path=folder, shards=shards, sharded_metadata=metadata, files=files, tensors=_tensor_index(shards))
+
+
+def _tensor_index(shards: list[Path]) -> dict[str, Path]:
+    """Read only the headers: which shard holds which tensor."""
+    from safetensors import safe_open
+
+    index: dict[str, Path] = {}
+    for shard in shards:
+        try:
+            with safe_open(shard, framework="pt") as handle:
+                index.update(dict.fromkeys(handle.keys(), shard))
+        except Exception as e:  # safetensors raises its own SafetensorError for a bad header
+            raise CheckpointError(f"{shard}: not a readable safetensors file ({e})") from e
+    return index

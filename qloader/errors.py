@@ -19,6 +19,10 @@ class CheckpointError(QloaderError):
     """A checkpoint folder or file is missing or unreadable."""
 
 
+class QuantizationMismatchError(QloaderError):
+    """The requested quantization contradicts a pre-quantized checkpoint's own."""
+
+
 class EnvironmentMismatchError(QloaderError):
     """The machine cannot run what the config asks for (devices, library versions, memory)."""
 

@@ -56,13 +56,13 @@ def _device_map_json(device_map: dict | None) -> dict | None:
     return None if device_map is None else {module: str(device) for module, device in device_map.items()}
 
 
-def _checkpoint_section(ctx) -> dict | None:
-    if ctx.checkpoint is None:
+def _checkpoint_section(checkpoint) -> dict | None:
+    if checkpoint is None:
         return None
-    files = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in ctx.checkpoint.files]
+    files = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in checkpoint.files]
     return {
-        "path": str(ctx.checkpoint.path),
-        "shards": [s.name for s in ctx.checkpoint.shards],
+        "path": str(checkpoint.path),
+        "shards": [s.name for s in checkpoint.shards],
         "files": files,
     }
 
@@ -127,6 +127,7 @@ class RunManifest:
             "environment": None,
             "stages": [],
             "model": None,
+            "saved": None,
             "error": None,
         }
 
@@ -141,10 +142,11 @@ class RunManifest:
         self.data.update(
             status=status,
             finished_at=_now(),
-            checkpoint=_checkpoint_section(ctx),
+            checkpoint=_checkpoint_section(ctx.checkpoint),
             quantization=_quantization_section(ctx),
             environment=ctx.environment or None,
             model=_model_section(ctx),
+            saved=_checkpoint_section(ctx.saved),
         )
         self.data["hardware"] = environment.hardware()  # GPUs are only known once torch is imported
         write_json_atomic(self.path, self.data)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from qloader.manifest import RunManifest
 from qloader.measure import measure_stage
-from qloader.stages import STAGE_NAMES, STAGES, LoadContext
+from qloader.stages import LoadContext, stages_for
 
 
 @dataclass
@@ -31,9 +31,9 @@ class LoadResult:
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> LoadResult:
     """Compose -> stages -> manifest. Any failure leaves a `failed` manifest and re-raises."""
     manifest = RunManifest(Path(run_dir) / "manifest.json", cfg, overrides).begin()
-    ctx, current = LoadContext(cfg=cfg), None
+    ctx, current = LoadContext(cfg=cfg, overrides=tuple(overrides)), None
     try:
-        for current, stage in zip(STAGE_NAMES, STAGES, strict=True):
+        for current, stage in stages_for(cfg):
             stats = None
             try:
                 with measure_stage(current) as stats:

@@ -116,6 +116,15 @@ class DtypeConfig:
     """dtype of the layers that are not quantized: bfloat16 | float16 | float32 | auto."""
 
 
+@dataclass
+class SaveConfig:
+    enabled: bool = False
+    """After loading, write the (quantized) model as a checkpoint that plain `from_pretrained` loads."""
+    dir: str | None = None
+    """A new folder; it must not exist yet (or be empty)."""
+    max_shard_size: str = "5GB"
+
+
 # ---------------------------------------------------------------- the whole run
 
 
@@ -125,6 +134,7 @@ class QloaderConfig:
     quant: QuantConfig = MISSING
     device_map: DeviceMapConfig = MISSING
     dtype: DtypeConfig = MISSING
+    save: SaveConfig = field(default_factory=SaveConfig)
     summary: bool = True
     """Print the end-of-run summary."""
 

@@ -7,6 +7,7 @@ itself: the pipeline wraps every call (see `qloader.pipeline`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from qloader import devices, quantization
+from qloader import checkpoint_writer, devices, quantization
 from qloader.checkpoint import Checkpoint, inspect_checkpoint
 from qloader.errors import (
     CheckpointError,
@@ -32,9 +33,13 @@ DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DTYPES = ("bfloat16", "float16", "float32", "float64", "auto")
 
 
+log = logging.getLogger("qloader")
+
+
 @dataclass(frozen=True)
 class LoadContext:
     cfg: DictConfig
+    overrides: tuple[str, ...] = ()
     # resolve
     checkpoint: Checkpoint | None = None
     hf_config: Any = None
@@ -56,6 +61,8 @@ class LoadContext:
     loading_info: Any = None
     # postprocess
     inventory: Inventory | None = None
+    # save (only when save.enabled)
+    saved: Checkpoint | None = None
 
     def next(self, **changes: Any) -> LoadContext:
         return dataclasses.replace(self, **changes)
@@ -64,6 +71,7 @@ class LoadContext:
 def _check_fields(cfg: DictConfig) -> None:
     """Every config problem at once, before any file is read."""
     problems = quantization.check_quant_fields(cfg.quant) + devices.check_device_fields(cfg.device_map)
+    problems += checkpoint_writer.check_save_fields(cfg.save)
     name = DTYPE_NAMES.get(cfg.dtype.name, cfg.dtype.name)
     if name not in DTYPES:
         problems.append(f"dtype.name '{cfg.dtype.name}' is not a dtype qloader loads (one of {', '.join(DTYPES)})")
@@ -96,10 +104,19 @@ def resolve(ctx: LoadContext) -> LoadContext:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{checkpoint.path / 'config.json'}: {e}") from e
     user_qconfig = quantization.build_quantization_config(ctx.cfg.quant)
+    qconfig, merge = user_qconfig, []
     saved = getattr(hf_config, "quantization_config", None)
-    qconfig, merge = (user_qconfig, []) if saved is None else quantization.merge_with_checkpoint(saved, user_qconfig)
-    if saved is not None:
+    if saved is not None:  # pre-quantized: the checkpoint's config, merged with the user's if one was asked for
+        saved = saved if isinstance(saved, dict) else saved.to_dict()
+        config_json = checkpoint.path / "config.json"
+        quantization.check_saved_config(saved, config_json)
+        asked = quantization.quant_overridden(list(ctx.overrides))
+        qconfig, merge = quantization.merge_with_checkpoint(saved, user_qconfig if asked else None, asked, config_json)
         hf_config.quantization_config = qconfig
+        for row in merge:
+            log.warning(
+                "quant.%s: checkpoint %r, requested %r -> using %r", row.field, row.checkpoint, row.user, row.used
+            )
     name = DTYPE_NAMES.get(ctx.cfg.dtype.name, ctx.cfg.dtype.name)
     dtype = hf_loading.resolve_dtype(name, checkpoint, hf_config)
     return ctx.next(
@@ -203,6 +220,10 @@ def load(ctx: LoadContext) -> LoadContext:
 
     from qloader import hf_loading
 
+    if ctx.pre_quantized:
+        missing = quantization.missing_quant_state(ctx.model, ctx.checkpoint.tensors, ctx.quantization_config)
+        if missing:
+            raise CheckpointError(f"pre-quantized checkpoint is incomplete: {'; '.join(missing)}")
     shards = ctx.checkpoint.shards
     total = len(ctx.model.state_dict())
     with tqdm(total=total, desc=f"load 0/{len(shards)} shards", unit="tensor", leave=False) as bar:
@@ -227,5 +248,17 @@ def postprocess(ctx: LoadContext) -> LoadContext:
     return ctx.next(inventory=take_inventory(ctx.model, ctx.loading_info))
 
 
+def save(ctx: LoadContext) -> LoadContext:
+    """Optional, after the seven: write the loaded model as a checkpoint plain `from_pretrained` reads."""
+    saved = checkpoint_writer.save_checkpoint(ctx.model, ctx.checkpoint.path, ctx.cfg.save)
+    return ctx.next(saved=saved)
+
+
 STAGES = (resolve, instantiate_quantizer, validate, device_map, preprocess, load, postprocess)
 STAGE_NAMES = ("resolve", "instantiate", "validate", "device_map", "preprocess", "load", "postprocess")
+
+
+def stages_for(cfg: DictConfig) -> list[tuple[str, object]]:
+    """The seven stages, then `save` when `save.enabled`."""
+    stages = list(zip(STAGE_NAMES, STAGES, strict=True))
+    return stages + [("save", save)] if cfg.save.enabled else stages

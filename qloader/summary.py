@@ -26,5 +26,8 @@ def render(manifest: dict) -> str:
             f"{mib(stage['rss_peak_bytes']):>14}{mib(stage['anon_peak_bytes']):>14}"
         )
     total = sum(s["wall_s"] for s in manifest["stages"])
-    lines += [f"  {'total':<12}{total:>9.3f}", "", f"  manifest       {manifest['run_dir']}/manifest.json"]
+    lines += [f"  {'total':<12}{total:>9.3f}", ""]
+    if manifest.get("saved"):
+        lines.append(f"  saved          {manifest['saved']['path']}")
+    lines.append(f"  manifest       {manifest['run_dir']}/manifest.json")
     return "\n".join(lines)

@@ -34,8 +34,9 @@ PROMPT_IDS = torch.tensor([[1, 17, 42, 99, 7, 300, 5, 12]])
 
 
 def transformers_load(path: Path, bnb_kwargs: dict | None, device_map="auto", dtype=torch.bfloat16):
-    qconfig = BitsAndBytesConfig(**bnb_kwargs) if bnb_kwargs else None
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, device_map=device_map, dtype=dtype)
+    # Passing quantization_config=None would erase a pre-quantized checkpoint's own config: omit it.
+    extra = {"quantization_config": BitsAndBytesConfig(**bnb_kwargs)} if bnb_kwargs else {}
+    return AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=dtype, **extra)
 
 
 def quant_state_items(param: torch.Tensor) -> dict:
@@ -48,11 +49,20 @@ def quant_state_items(param: torch.Tensor) -> dict:
     return items
 
 
-def assert_same_model(ours, theirs, prompt_ids: torch.Tensor = PROMPT_IDS) -> None:
-    """Every parameter, buffer, quant-state tensor and the logits: torch.equal, dtype and device too."""
+def assert_same_weights(ours, theirs) -> None:
+    """Every parameter, buffer and quant-state tensor: torch.equal, same type, dtype and device.
+
+    Compare before either model has run a forward: on AVX512-BF16 hosts bitsandbytes repacks a 4-bit
+    weight for the CPU on its first forward (and moves int8 `SCB` into the module's state), and its
+    inverse is best-effort for double-quantized statistics.
+    """
     assert type(ours) is type(theirs)
     our_modules = {n: type(m).__name__ for n, m in ours.named_modules()}
     assert our_modules == {n: type(m).__name__ for n, m in theirs.named_modules()}
+    our_state, their_state = ours.state_dict(), theirs.state_dict()  # the serialized form, packed quant states
+    assert our_state.keys() == their_state.keys()
+    for key, value in our_state.items():
+        assert torch.equal(value, their_state[key]), key
     our_params, their_params = dict(ours.named_parameters()), dict(theirs.named_parameters())
     assert our_params.keys() == their_params.keys()
     for name, ours_p in our_params.items():
@@ -71,6 +81,15 @@ def assert_same_model(ours, theirs, prompt_ids: torch.Tensor = PROMPT_IDS) -> No
     assert our_buffers.keys() == their_buffers.keys()
     for name, buffer in our_buffers.items():
         assert torch.equal(buffer, their_buffers[name]), name
+
+
+def assert_same_logits(ours, theirs, prompt_ids: torch.Tensor = PROMPT_IDS) -> None:
     with torch.no_grad():
         ids = prompt_ids.to(ours.device)
         assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
+def assert_same_model(ours, theirs) -> None:
+    """The oracle: same weights (checked first), then the same logits on a fixed prompt."""
+    assert_same_weights(ours, theirs)
+    assert_same_logits(ours, theirs)
