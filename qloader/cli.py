@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qloader.config import CONFIG_NAME, config_dir
@@ -17,11 +18,15 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=CONFIG_NAME)
-def _main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> str | None:
     from qloader import pipeline, summary
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # a fresh process per job; failures are summed up at the end
+        from qloader.sweep import run_job
+
+        return run_job(run_dir, hydra_cfg.job.num, list(hydra_cfg.overrides.task))
     try:
         result = pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task))
     except QloaderError as e:

@@ -158,7 +158,11 @@ def load_shards(
     mismatched: set = set()
     errors: list[str] = []
     with ExitStack() as stack, _quiet_transformers():
-        handles = {s: stack.enter_context(safe_open(s, framework="pt", device="cpu")) for s in checkpoint.shards}
+        # mmap, as from_pretrained reads them: a tensor's bytes are read only when it is materialized
+        handles = {
+            s: stack.enter_context(safe_open(s, framework="pt", device="cpu", backend="mmap"))
+            for s in checkpoint.shards
+        }
         keys_per_shard = {s: list(h.keys()) for s, h in handles.items()}
         for index, batch in enumerate(shard_batches(model, keys_per_shard, load_config.weight_mapping)):
             state_dict = {key: handles[shard].get_slice(key) for shard, key in batch}

@@ -101,3 +101,16 @@ def test_failed_manifest_is_schema_valid(tmp_path) -> None:
     jsonschema.validate(manifest, SCHEMA)
     assert manifest["status"] == "failed"
     assert manifest["stages"][-1] == {**manifest["stages"][-1], "name": "validate", "status": "failed"}
+
+
+def test_save_run_manifest_is_schema_valid(tmp_path) -> None:
+    result = qloader.load(
+        ["model=tiny-llama", "quant=bnb-int8", "save.enabled=true", f"save.dir={tmp_path / 'ckpt'}"],
+        run_dir=tmp_path / "run",
+    )
+    manifest = read_manifest(tmp_path / "run")
+    jsonschema.validate(manifest, SCHEMA)
+    assert [s["name"] for s in manifest["stages"]] == [*STAGE_NAMES, "save"]
+    saved = {f["name"] for f in manifest["saved"]["files"]}
+    assert {"config.json", "model.safetensors"} <= saved
+    assert manifest["saved"]["path"] == str((tmp_path / "ckpt").resolve()) == str(result.manifest["saved"]["path"])
