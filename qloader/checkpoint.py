@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,10 @@ class Checkpoint:
     files: list[InputFile]
     tensors: dict[str, Path]
     """Tensor name -> the shard that holds it, from the shards' own headers."""
+    hash_seconds: float = 0.0
+    """Time spent hashing input files (files unchanged since a previous run come from the cache)."""
+    hashed_files: int = 0
+    """How many files were hashed afresh, rather than taken from the hash cache."""
 
     @property
     def largest_shard_bytes(self) -> int:
@@ -76,14 +82,61 @@ def _find_shards(folder: Path) -> tuple[list[Path], dict | None]:
     raise CheckpointError(f"checkpoint '{folder}' has no safetensors weights (expected {SINGLE_NAME} or {INDEX_NAME})")
 
 
-def inspect_checkpoint(folder: Path) -> Checkpoint:
+class HashCache:
+    """sha256 of files keyed by (path, size, mtime), kept in qloader's cache dir, never beside the files."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.entries: dict[str, dict] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.misses = 0
+
+    def sha256(self, file: Path) -> str:
+        stat = file.stat()
+        key = str(file.resolve())
+        entry = self.entries.get(key)
+        if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
+            return entry["sha256"]
+        self.misses += 1
+        digest = sha256_file(file)
+        self.entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+        return digest
+
+    def save(self) -> None:
+        if self.misses:
+            from qloader.manifest import write_json_atomic
+
+            with contextlib.suppress(OSError):  # a cache that cannot be written only costs time next run
+                write_json_atomic(self.path, self.entries)
+
+
+def default_hash_cache() -> HashCache:
+    from qloader.sources import cache_dir
+
+    return HashCache(cache_dir() / "sha256-cache.json")
+
+
+def inspect_checkpoint(folder: Path, hashes: HashCache | None = None) -> Checkpoint:
     """Find the weight shards and hash every input file (sorted by name)."""
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"checkpoint '{folder}' has no config.json (expected a transformers checkpoint folder)")
     shards, metadata = _find_shards(folder)
+    hashes = hashes or default_hash_cache()
+    start = time.perf_counter()
     inputs = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES)
-    files = [InputFile(p.name, p.stat().st_size, sha256_file(p)) for p in inputs]
-    return Checkpoint(path=folder, shards=shards, sharded_metadata=metadata, files=files, tensors=_tensor_index(shards))
+    files = [InputFile(p.name, p.stat().st_size, hashes.sha256(p)) for p in inputs]
+    hashes.save()
+    return Checkpoint(
+        path=folder,
+        shards=shards,
+        sharded_metadata=metadata,
+        files=files,
+        tensors=_tensor_index(shards),
+        hash_seconds=round(time.perf_counter() - start, 4),
+        hashed_files=hashes.misses,
+    )
 
 
 def _tensor_index(shards: list[Path]) -> dict[str, Path]:

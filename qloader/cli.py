@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from qloader.config import CONFIG_NAME, config_dir
+from qloader.config import CONFIG_NAME, GROUPS, config_dir
 from qloader.errors import QloaderError
 from qloader.schema import register_configs
 
@@ -28,7 +28,8 @@ def _main(cfg: DictConfig) -> str | None:
 
         return run_job(run_dir, hydra_cfg.job.num, list(hydra_cfg.overrides.task))
     try:
-        result = pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task))
+        choices = {group: hydra_cfg.runtime.choices.get(group) for group in GROUPS}
+        result = pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task), choices=choices)
     except QloaderError as e:
         print(f"qloader: error: {type(e).__name__}: {e}", file=sys.stderr)
         print(f"qloader: manifest (failed): {run_dir / 'manifest.json'}", file=sys.stderr)
@@ -38,4 +39,8 @@ def _main(cfg: DictConfig) -> str | None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["replay"]:  # `qloader replay MANIFEST ...`: not a Hydra run
+        from qloader.replay import main as replay_main
+
+        sys.exit(replay_main(sys.argv[2:]))
     _main()

@@ -18,11 +18,24 @@ def config_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
 
 
+GROUPS = ("model", "quant", "device_map", "dtype")
+
+
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
     """The same config `qloader <overrides>` would run (Hydra's compose API, no run dir)."""
+    return compose_with_choices(overrides)[0]
+
+
+def compose_with_choices(overrides: Sequence[str] = ()) -> tuple[DictConfig, dict[str, str]]:
+    """The config, and the option chosen in each config group (`{"quant": "bnb-nf4", ...}`)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from omegaconf import open_dict
 
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+        cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)
+    choices = {group: cfg.hydra.runtime.choices.get(group) for group in GROUPS}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, choices

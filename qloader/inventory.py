@@ -24,6 +24,8 @@ class Inventory:
     """Linear layers left unquantized (lm_head, tied or skip-listed modules)."""
     missing_keys: list[str]
     unexpected_keys: list[str]
+    weights_fingerprint: str
+    """sha256 over the canonical state (see qloader.fingerprint), taken before any forward pass."""
 
     @property
     def quantized_count(self) -> int:
@@ -55,6 +57,8 @@ def footprint_bytes(model: nn.Module) -> int:
 
 
 def take_inventory(model: nn.Module, loading_info) -> Inventory:
+    from qloader.fingerprint import weights_fingerprint
+
     classes = Counter(type(m).__name__ for m in model.modules() if type(m).__name__ in QUANTIZED_CLASSES)
     skipped = [name for name, m in model.named_modules() if type(m) is nn.Linear]
     return Inventory(
@@ -65,4 +69,5 @@ def take_inventory(model: nn.Module, loading_info) -> Inventory:
         skipped_modules=skipped,
         missing_keys=sorted(loading_info.missing_keys),
         unexpected_keys=sorted(loading_info.unexpected_keys),
+        weights_fingerprint=weights_fingerprint(model),
     )

@@ -21,12 +21,15 @@ def run_in_fresh_process(run_dir: Path) -> int:
 
 def main(run_dir: Path) -> int:
     from qloader import pipeline
+    from qloader.config import GROUPS
     from qloader.errors import QloaderError
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     overrides = list(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"))
+    runtime = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime
+    choices = {group: runtime.choices.get(group) for group in GROUPS}
     try:
-        pipeline.run(cfg, run_dir, overrides)
+        pipeline.run(cfg, run_dir, overrides, choices=choices)
     except QloaderError as e:
         print(f"qloader: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -64,6 +64,8 @@ def _checkpoint_section(checkpoint) -> dict | None:
         "path": str(checkpoint.path),
         "shards": [s.name for s in checkpoint.shards],
         "files": files,
+        "hash_seconds": checkpoint.hash_seconds,
+        "hashed_files": checkpoint.hashed_files,
     }
 
 
@@ -107,7 +109,14 @@ def _model_section(ctx) -> dict | None:
 
 
 class RunManifest:
-    def __init__(self, path: Path, cfg: DictConfig, overrides: list[str]):
+    def __init__(
+        self,
+        path: Path,
+        cfg: DictConfig,
+        overrides: list[str],
+        choices: dict[str, str] | None = None,
+        replay_of: str | None = None,
+    ):
         config = resolved_config(cfg)
         self.path = path
         self.data: dict[str, Any] = {
@@ -118,6 +127,8 @@ class RunManifest:
             "run_dir": str(path.parent),
             "config": config,
             "overrides": list(overrides),
+            "choices": dict(choices or {}),
+            "replay_of": replay_of,
             "config_hash": config_hash(config),
             "versions": environment.versions(),
             "hardware": environment.hardware(),
@@ -127,6 +138,7 @@ class RunManifest:
             "environment": None,
             "stages": [],
             "model": None,
+            "weights_fingerprint": None,
             "saved": None,
             "error": None,
         }
@@ -146,6 +158,7 @@ class RunManifest:
             quantization=_quantization_section(ctx),
             environment=ctx.environment or None,
             model=_model_section(ctx),
+            weights_fingerprint=None if ctx.inventory is None else ctx.inventory.weights_fingerprint,
             saved=_checkpoint_section(ctx.saved),
         )
         self.data["hardware"] = environment.hardware()  # GPUs are only known once torch is imported

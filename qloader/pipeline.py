@@ -28,9 +28,20 @@ class LoadResult:
         return AutoTokenizer.from_pretrained(self.checkpoint_path)
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> LoadResult:
-    """Compose -> stages -> manifest. Any failure leaves a `failed` manifest and re-raises."""
-    manifest = RunManifest(Path(run_dir) / "manifest.json", cfg, overrides).begin()
+def run(
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str],
+    *,
+    choices: dict[str, str] | None = None,
+    replay_of: str | None = None,
+) -> LoadResult:
+    """Compose -> stages -> manifest. Any failure leaves a `failed` manifest and re-raises.
+
+    `choices` are the config-group options the run composed (model, quant, ...); `replay_of` links
+    a replay to the manifest it re-runs.
+    """
+    manifest = RunManifest(Path(run_dir) / "manifest.json", cfg, overrides, choices, replay_of).begin()
     ctx, current = LoadContext(cfg=cfg, overrides=tuple(overrides)), None
     try:
         for current, stage in stages_for(cfg):

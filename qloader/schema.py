@@ -21,6 +21,8 @@ from omegaconf import MISSING
 class ModelConfig:
     _target_: str = MISSING
     """A callable that returns a local transformers checkpoint folder (plug in your own)."""
+    expected_sha256: dict[str, str] = field(default_factory=dict)
+    """Pins the checkpoint: file name -> sha256. A mismatch fails in `validate`, before any load."""
 
 
 @dataclass

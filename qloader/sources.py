@@ -19,6 +19,26 @@ from pathlib import Path
 
 from qloader.errors import CheckpointError
 
+# `model` fields that are qloader settings rather than arguments of the model source.
+MODEL_SETTINGS = ("expected_sha256",)
+
+
+def checkpoint_folder(model) -> Path:
+    """Run the `model` config's source (`model._target_`); its own error passes through unwrapped."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from qloader.errors import QloaderError
+
+    source = OmegaConf.masked_copy(model, [key for key in model if key not in MODEL_SETTINGS])
+    try:
+        return Path(instantiate(source))
+    except InstantiationException as e:
+        if isinstance(e.__cause__, QloaderError):
+            raise e.__cause__ from None
+        raise CheckpointError(f"model source '{model._target_}' failed: {e.__cause__ or e}") from e
+
 
 def cache_dir() -> Path:
     """`$QLOADER_CACHE`, else `$XDG_CACHE_HOME/qloader`, else `~/.cache/qloader`."""

@@ -9,10 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from qloader import checkpoint_writer, devices, quantization
@@ -23,8 +21,8 @@ from qloader.errors import (
     DeviceMapError,
     EnvironmentMismatchError,
     LoadError,
-    QloaderError,
 )
+from qloader.sources import checkpoint_folder
 
 if TYPE_CHECKING:
     from qloader.inventory import Inventory
@@ -79,18 +77,6 @@ def _check_fields(cfg: DictConfig) -> None:
         raise ConfigError(problems)
 
 
-def _checkpoint_folder(model: DictConfig) -> Path:
-    """Run the model source (`model._target_`); its own error passes through unwrapped."""
-    from hydra.errors import InstantiationException
-
-    try:
-        return Path(instantiate(model))
-    except InstantiationException as e:
-        if isinstance(e.__cause__, QloaderError):
-            raise e.__cause__ from None
-        raise CheckpointError(f"model source '{model._target_}' failed: {e.__cause__ or e}") from e
-
-
 def resolve(ctx: LoadContext) -> LoadContext:
     """Composed config -> checkpoint folder, transformers config, quantization config (merged if pre-quantized)."""
     from transformers import AutoConfig
@@ -98,7 +84,7 @@ def resolve(ctx: LoadContext) -> LoadContext:
     from qloader import hf_loading
 
     _check_fields(ctx.cfg)
-    checkpoint = inspect_checkpoint(_checkpoint_folder(ctx.cfg.model))
+    checkpoint = inspect_checkpoint(checkpoint_folder(ctx.cfg.model))
     try:
         hf_config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
     except (OSError, ValueError) as e:
@@ -171,8 +157,20 @@ def validate(ctx: LoadContext) -> LoadContext:
             ctx.quantizer.validate_environment(device_map=request, weights_only=True)
         except (ImportError, ValueError, RuntimeError) as e:
             raise EnvironmentMismatchError(f"quantizer {type(ctx.quantizer).__name__}: {e}") from e
+    _check_pinned_hashes(ctx.cfg.model.get("expected_sha256") or {}, ctx.checkpoint)
     memory = environment.check_memory(ctx.checkpoint)
     return ctx.next(environment=memory)
+
+
+def _check_pinned_hashes(expected: dict, checkpoint: Checkpoint) -> None:
+    found = {f.name: f.sha256 for f in checkpoint.files}
+    problems = [
+        f"{checkpoint.path / name}: sha256 {found.get(name, 'missing file')}, expected {digest}"
+        for name, digest in expected.items()
+        if found.get(name) != digest
+    ]
+    if problems:
+        raise CheckpointError(f"model.expected_sha256 does not match: {'; '.join(problems)}")
 
 
 def device_map(ctx: LoadContext) -> LoadContext:

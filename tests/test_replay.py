@@ -1,0 +1,163 @@
+"""Reproducible runs: weights fingerprint, cached input hashes, replay, experiments, pinned hashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, read_manifest, run_cli
+
+import qloader
+from qloader.config import compose
+from qloader.fingerprint import weights_fingerprint
+from qloader.manifest import config_hash, resolved_config
+from qloader.replay import experiment_yaml
+
+
+def replay_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qloader", "replay", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=os.environ,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def local_copy(tiny_checkpoint, tmp_path) -> Path:
+    """A private copy of tiny-llama, free to change or delete."""
+    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+
+
+def test_fingerprint_is_stable_and_sees_one_flipped_bit(tmp_path) -> None:
+    first = qloader.load(["model=tiny-llama", "quant=bnb-nf4"], run_dir=tmp_path / "a")
+    second = qloader.load(["model=tiny-llama", "quant=bnb-nf4"], run_dir=tmp_path / "b")
+    fingerprint = first.manifest["weights_fingerprint"]
+    assert fingerprint == second.manifest["weights_fingerprint"] == weights_fingerprint(first.model)
+    other = qloader.load(["model=tiny-llama", "quant=bnb-fp4"], run_dir=tmp_path / "c")
+    assert other.manifest["weights_fingerprint"] != fingerprint
+
+    packed = first.model.model.layers[1].mlp.down_proj.weight
+    packed.data.view(-1)[7] ^= 1  # one bit of one packed 4-bit weight
+    assert weights_fingerprint(first.model) != fingerprint
+    packed.data.view(-1)[7] ^= 1
+    assert weights_fingerprint(first.model) == fingerprint
+    absmax = second.model.model.layers[0].self_attn.q_proj.weight.quant_state.absmax  # a quant-state tensor
+    absmax.view(-1)[0] ^= 1
+    assert weights_fingerprint(second.model) != fingerprint
+
+
+def test_input_hashes_are_cached_outside_the_checkpoint(local_copy, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("QLOADER_CACHE", str(tmp_path / "cache"))
+    before = {p.name: p.stat().st_mtime_ns for p in local_copy.iterdir()}
+    overrides = ["model=local", f"model.path={local_copy}", "quant=none"]
+    first = qloader.load(overrides, run_dir=tmp_path / "1").manifest["checkpoint"]
+    second = qloader.load(overrides, run_dir=tmp_path / "2").manifest["checkpoint"]
+    assert first["hashed_files"] == len(first["files"]) == 10 and second["hashed_files"] == 0
+    assert first["files"] == second["files"] and second["hash_seconds"] >= 0
+    os.utime(local_copy / "config.json")  # a touched file is hashed again
+    assert qloader.load(overrides, run_dir=tmp_path / "3").manifest["checkpoint"]["hashed_files"] == 1
+    assert (tmp_path / "cache" / "sha256-cache.json").is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in local_copy.iterdir()} == {
+        **before,
+        "config.json": (local_copy / "config.json").stat().st_mtime_ns,
+    }
+
+
+def test_replay_reproduces_the_run(tmp_path) -> None:
+    assert run_cli("model=tiny-llama", "quant=bnb-nf4", run_dir=tmp_path / "orig").returncode == 0
+    result = replay_cli(tmp_path / "orig" / "manifest.json", "--run-dir", tmp_path / "replay")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    assert lines["weights_fingerprint"].endswith("equal") and lines["config_hash"].endswith("equal")
+    new = read_manifest(tmp_path / "replay")
+    old = read_manifest(tmp_path / "orig")
+    assert new["replay_of"] == str((tmp_path / "orig" / "manifest.json").resolve())
+    assert new["config"] == old["config"] and new["weights_fingerprint"] == old["weights_fingerprint"]
+
+
+def test_replay_uses_the_recorded_config_not_todays_defaults(tmp_path) -> None:
+    assert run_cli("model=tiny-llama", "quant=bnb-int8", run_dir=tmp_path / "orig").returncode == 0
+    manifest = read_manifest(tmp_path / "orig")
+    manifest["config"]["quant"]["llm_int8_threshold"] = 5.0  # as if conf/ had since changed
+    manifest["config_hash"] = config_hash(manifest["config"])
+    (tmp_path / "orig" / "manifest.json").write_text(json.dumps(manifest))
+    replay_cli(tmp_path / "orig" / "manifest.json", "--run-dir", tmp_path / "replay")
+    assert read_manifest(tmp_path / "replay")["config"]["quant"]["llm_int8_threshold"] == 5.0
+
+
+def test_changed_shard_is_named_and_fails_the_replay(local_copy, tmp_path) -> None:
+    assert run_cli("model=local", f"model.path={local_copy}", run_dir=tmp_path / "orig").returncode == 0
+    shard = local_copy / "model-00003-of-00007.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x10  # one bit of the last tensor's data; the file stays valid safetensors
+    shard.write_bytes(bytes(data))
+    result = replay_cli(tmp_path / "orig" / "manifest.json", "--run-dir", tmp_path / "replay")
+    assert result.returncode == 1
+    assert "replay differs: checkpoint file model-00003-of-00007.safetensors, weights_fingerprint" in result.stderr
+    check = replay_cli(tmp_path / "orig" / "manifest.json", "--check-only")
+    assert check.returncode == 1 and "checkpoint file model-00003-of-00007.safetensors" in check.stderr
+
+
+def test_check_only_names_a_library_version_drift(tmp_path) -> None:
+    assert run_cli("model=tiny-llama", run_dir=tmp_path / "orig").returncode == 0
+    manifest = read_manifest(tmp_path / "orig")
+    current = manifest["versions"]["bitsandbytes"]
+    manifest["versions"]["bitsandbytes"] = "0.49.0"
+    (tmp_path / "orig" / "manifest.json").write_text(json.dumps(manifest))
+    result = replay_cli(tmp_path / "orig" / "manifest.json", "--check-only")
+    assert result.returncode == 0  # environment drift is reported, inputs are equal
+    row = next(line for line in result.stdout.splitlines() if line.startswith("bitsandbytes version"))
+    assert "0.49.0" in row and current in row and row.endswith("different (environment)")
+    assert not (tmp_path / "orig" / "replay").exists()
+
+
+def test_missing_checkpoint_is_a_clear_error(local_copy, tmp_path) -> None:
+    assert run_cli("model=local", f"model.path={local_copy}", run_dir=tmp_path / "orig").returncode == 0
+    shutil.rmtree(local_copy)
+    check = replay_cli(tmp_path / "orig" / "manifest.json", "--check-only")
+    assert check.returncode == 1
+    assert f"the recorded checkpoint '{local_copy}' does not exist any more" in check.stderr
+    full = replay_cli(tmp_path / "orig" / "manifest.json", "--run-dir", tmp_path / "replay")
+    assert full.returncode == 1 and f"model.path '{local_copy}' is not a directory" in full.stderr
+
+
+@pytest.mark.parametrize("name", ["smollm2-nf4", "quant-sweep", "dtype-sweep"])
+def test_shipped_experiments_compose(name: str) -> None:
+    cfg = compose([f"+experiment={name}"])
+    assert cfg.model._target_ == "qloader.sources.smollm2_checkpoint"
+
+
+def test_experiment_copied_from_a_run_reproduces_its_config_hash(tmp_path) -> None:
+    overrides = ["model=tiny-llama", "quant=bnb-fp4", "dtype=fp16", "device_map=cpu", "model.seed=3"]
+    manifest = qloader.load(overrides, run_dir=tmp_path / "run").manifest
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "copied.yaml").write_text(experiment_yaml(manifest))
+    cfg = compose(["+experiment=copied", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"])
+    assert config_hash(resolved_config(cfg)) == manifest["config_hash"]
+
+
+def test_pinned_hash_mismatch_fails_in_validate(tiny_checkpoint, tmp_path) -> None:
+    real = {
+        f["name"]: f["sha256"]
+        for f in qloader.load(["model=tiny-llama"], run_dir=tmp_path / "ok").manifest["checkpoint"]["files"]
+    }
+    pin = f"++model.expected_sha256={{config.json:{real['config.json']},model-00002-of-00007.safetensors:{'0' * 64}}}"
+    result = run_cli("model=tiny-llama", pin, run_dir=tmp_path / "run")
+    assert result.returncode == 1
+    assert "model.expected_sha256 does not match" in result.stderr
+    assert (
+        f"{tiny_checkpoint / 'model-00002-of-00007.safetensors'}: sha256 {real['model-00002-of-00007.safetensors']}"
+        in result.stderr
+    )
+    manifest = read_manifest(tmp_path / "run")
+    assert manifest["error"]["stage"] == "validate" and "load" not in [s["name"] for s in manifest["stages"]]
+    good = f"++model.expected_sha256={{config.json:{real['config.json']}}}"
+    assert run_cli("model=tiny-llama", good, run_dir=tmp_path / "good").returncode == 0
