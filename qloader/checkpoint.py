@@ -22,7 +22,7 @@ INPUT_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".txt")
 class InputFile:
     name: str
     size: int
-    sha256: str
+    sha256: str | None
 
 
 @dataclass(frozen=True)
@@ -118,15 +118,15 @@ def default_hash_cache() -> HashCache:
     return HashCache(cache_dir() / "sha256-cache.json")
 
 
-def inspect_checkpoint(folder: Path, hashes: HashCache | None = None) -> Checkpoint:
-    """Find the weight shards and hash every input file (sorted by name)."""
+def inspect_checkpoint(folder: Path, hashes: HashCache | None = None, hash_files: bool = True) -> Checkpoint:
+    """Find the weight shards and hash every input file (sorted by name); plan mode hashes nothing."""
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"checkpoint '{folder}' has no config.json (expected a transformers checkpoint folder)")
     shards, metadata = _find_shards(folder)
     hashes = hashes or default_hash_cache()
     start = time.perf_counter()
     inputs = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES)
-    files = [InputFile(p.name, p.stat().st_size, hashes.sha256(p)) for p in inputs]
+    files = [InputFile(p.name, p.stat().st_size, hashes.sha256(p) if hash_files else None) for p in inputs]
     hashes.save()
     return Checkpoint(
         path=folder,

@@ -34,7 +34,11 @@ def _main(cfg: DictConfig) -> str | None:
         print(f"qloader: error: {type(e).__name__}: {e}", file=sys.stderr)
         print(f"qloader: manifest (failed): {run_dir / 'manifest.json'}", file=sys.stderr)
         sys.exit(1)
-    if cfg.summary:
+    if cfg.mode == "plan":
+        from qloader.plan import render
+
+        print(render(result.manifest["plan"]))
+    elif cfg.summary:
         print(summary.render(result.manifest))
 
 

@@ -19,10 +19,12 @@ from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, convert_and_load_state_dict_in_model
 from transformers.integrations.accelerate import (
-    _get_device_map,
     accelerate_dispatch,
     check_and_set_device_map,
     expand_device_map,
+    get_balanced_memory,
+    get_max_memory,
+    infer_auto_device_map,
 )
 from transformers.modeling_utils import LoadStateDictConfig, _get_dtype, caching_allocator_warmup
 from transformers.models.auto.auto_factory import _get_model_class
@@ -83,9 +85,26 @@ def build_skeleton(
     return model
 
 
-def infer_device_map(model: PreTrainedModel, request: str | dict, max_memory: dict | None, quantizer) -> dict:
-    """accelerate's inference over a quantization-aware skeleton (a dict request is kept as given)."""
-    return _get_device_map(model, request, max_memory, quantizer)
+def infer_device_map(model: PreTrainedModel, strategy: str, max_memory: dict | None, quantizer) -> dict:
+    """`_get_device_map` without its closing quantizer check, so that the caller can first name the
+    modules that did not fit; the caller runs `quantizer.validate_environment(device_map=...)`."""
+    no_split = model._no_split_modules
+    if strategy == "sequential":
+        budget = get_max_memory(max_memory)
+    else:
+        low_zero = strategy == "balanced_low_0"
+        budget = get_balanced_memory(
+            model, max_memory=max_memory, no_split_module_classes=no_split, hf_quantizer=quantizer, low_zero=low_zero
+        )
+    if quantizer is not None:
+        budget = quantizer.adjust_max_memory(budget)
+    return infer_auto_device_map(
+        model,
+        max_memory=budget,
+        no_split_module_classes=no_split,
+        hf_quantizer=quantizer,
+        no_placement_params=getattr(model, "_no_placement_params", None),
+    )
 
 
 def load_state_config(model: PreTrainedModel, checkpoint: Checkpoint, device_map, dtype, quantizer):

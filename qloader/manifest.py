@@ -121,6 +121,7 @@ class RunManifest:
         self.path = path
         self.data: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
+            "mode": cfg.get("mode", "load"),
             "status": "running",
             "started_at": _now(),
             "finished_at": None,
@@ -137,6 +138,7 @@ class RunManifest:
             "quantization": None,
             "environment": None,
             "stages": [],
+            "plan": None,
             "model": None,
             "weights_fingerprint": None,
             "saved": None,
@@ -157,6 +159,7 @@ class RunManifest:
             checkpoint=_checkpoint_section(ctx.checkpoint),
             quantization=_quantization_section(ctx),
             environment=ctx.environment or None,
+            plan=None if ctx.plan is None else ctx.plan.as_dict(),
             model=_model_section(ctx),
             weights_fingerprint=None if ctx.inventory is None else ctx.inventory.weights_fingerprint,
             saved=_checkpoint_section(ctx.saved),

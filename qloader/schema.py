@@ -137,6 +137,9 @@ class QloaderConfig:
     device_map: DeviceMapConfig = MISSING
     dtype: DtypeConfig = MISSING
     save: SaveConfig = field(default_factory=SaveConfig)
+    mode: str = "load"
+    """load: run all seven stages. plan: only resolve ... preprocess on the meta device, and print
+    the device map, the bytes per device and the estimated peak, reading no tensor data."""
     summary: bool = True
     """Print the end-of-run summary."""
 

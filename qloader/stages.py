@@ -26,9 +26,11 @@ from qloader.sources import checkpoint_folder
 
 if TYPE_CHECKING:
     from qloader.inventory import Inventory
+    from qloader.plan import Plan
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DTYPES = ("bfloat16", "float16", "float32", "float64", "auto")
+MODES = ("load", "plan")
 
 
 log = logging.getLogger("qloader")
@@ -55,6 +57,7 @@ class LoadContext:
     # preprocess
     model: Any = None
     load_config: Any = None
+    plan: Plan | None = None
     # load
     loading_info: Any = None
     # postprocess
@@ -73,6 +76,8 @@ def _check_fields(cfg: DictConfig) -> None:
     name = DTYPE_NAMES.get(cfg.dtype.name, cfg.dtype.name)
     if name not in DTYPES:
         problems.append(f"dtype.name '{cfg.dtype.name}' is not a dtype qloader loads (one of {', '.join(DTYPES)})")
+    if cfg.mode not in MODES:
+        problems.append(f"mode '{cfg.mode}' is not one of {', '.join(MODES)}")
     if problems:
         raise ConfigError(problems)
 
@@ -84,7 +89,7 @@ def resolve(ctx: LoadContext) -> LoadContext:
     from qloader import hf_loading
 
     _check_fields(ctx.cfg)
-    checkpoint = inspect_checkpoint(checkpoint_folder(ctx.cfg.model))
+    checkpoint = inspect_checkpoint(checkpoint_folder(ctx.cfg.model), hash_files=ctx.cfg.mode != "plan")
     try:
         hf_config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
     except (OSError, ValueError) as e:
@@ -187,29 +192,45 @@ def device_map(ctx: LoadContext) -> LoadContext:
     model_cls = hf_loading.causal_lm_class(ctx.hf_config)
     sizing = hf_loading.build_skeleton(model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.checkpoint)
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
-    try:
-        final = hf_loading.infer_device_map(sizing, request, max_memory, ctx.quantizer)
-    except ValueError as e:
-        raise DeviceMapError(f"device_map '{request}': {e}") from e
+    final = hf_loading.infer_device_map(sizing, request, max_memory, ctx.quantizer)
     on_disk = sorted(module for module, device in final.items() if device == "disk")
     if on_disk:
-        raise DeviceMapError(
-            f"device_map '{request}' with max_memory {max_memory}: the model does not fit; "
-            f"{len(on_disk)} module(s) would be offloaded to disk: {', '.join(on_disk[:8])}"
-        )
+        raise DeviceMapError(_does_not_fit(sizing, request, max_memory, on_disk))
+    if ctx.quantizer is not None:
+        try:
+            ctx.quantizer.validate_environment(device_map=final)
+        except ValueError as e:
+            raise DeviceMapError(f"device_map '{request}' -> {final}: {e}") from e
     return ctx.next(device_map_request=request, device_map=final)
 
 
+def _does_not_fit(sizing, request: str, max_memory: dict | None, unplaced: list[str]) -> str:
+    from qloader.plan import estimate
+    from qloader.summary import mib
+
+    need = estimate(sizing, {"": "cpu"}, 0, None).footprint_bytes
+    have = sum(estimate(sizing, {}, 0, max_memory).budgets.values())
+    return (
+        f"device_map '{request}' with max_memory {max_memory}: the model does not fit; it needs about {mib(need)}"
+        f" and the budget allows {mib(have)} (short by {mib(max(need - have, 0))}). "
+        f"{len(unplaced)} module(s) could not be placed: {', '.join(m or '(the whole model)' for m in unplaced[:8])}"
+    )
+
+
 def preprocess(ctx: LoadContext) -> LoadContext:
-    """The model skeleton on the meta device, with Linear -> Linear4bit / Linear8bitLt swapped in."""
+    """The model skeleton on the meta device, with Linear -> Linear4bit / Linear8bitLt swapped in,
+    and the plan: the bytes it will take per device."""
     from qloader import hf_loading
+    from qloader.plan import estimate
 
     model_cls = hf_loading.causal_lm_class(ctx.hf_config)
     model = hf_loading.build_skeleton(
         model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, ctx.device_map_request, ctx.checkpoint
     )
     load_config = hf_loading.load_state_config(model, ctx.checkpoint, ctx.device_map, ctx.dtype, ctx.quantizer)
-    return ctx.next(model=model, load_config=load_config)
+    max_memory = devices.max_memory_request(ctx.cfg.device_map)
+    plan = estimate(model, ctx.device_map, ctx.checkpoint.largest_shard_bytes, max_memory)
+    return ctx.next(model=model, load_config=load_config, plan=plan)
 
 
 def load(ctx: LoadContext) -> LoadContext:
@@ -257,6 +278,8 @@ STAGE_NAMES = ("resolve", "instantiate", "validate", "device_map", "preprocess",
 
 
 def stages_for(cfg: DictConfig) -> list[tuple[str, object]]:
-    """The seven stages, then `save` when `save.enabled`."""
+    """The seven stages, then `save` when `save.enabled`; `mode=plan` stops after `preprocess`."""
     stages = list(zip(STAGE_NAMES, STAGES, strict=True))
+    if cfg.mode == "plan":
+        return stages[: STAGE_NAMES.index("preprocess") + 1]
     return stages + [("save", save)] if cfg.save.enabled else stages

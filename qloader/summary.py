@@ -15,7 +15,8 @@ def render(manifest: dict) -> str:
         f"  quantization   {quant['description']}{' (pre-quantized)' if quant['pre_quantized'] else ''}",
         f"  quantized      {model['quantized_modules']} modules ({kinds})",
         f"  kept           {', '.join(model['skipped_modules']) or 'none'}",
-        f"  footprint      {mib(model['footprint_bytes'])} ({model['parameters']:,} parameters, {model['dtype']})",
+        f"  footprint      {mib(model['footprint_bytes'])} ({model['parameters']:,} parameters, {model['dtype']});"
+        f" planned {mib(manifest['plan']['footprint_bytes'])}",
         f"  device_map     {model['device_map']}",
         "",
         f"  {'stage':<12}{'wall_s':>9}{'peak RSS':>14}{'peak anon':>14}",

@@ -1,0 +1,51 @@
+"""Plan mode: the cost of a load, known before loading, from the meta skeleton alone."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import read_manifest, run_cli
+
+import qloader
+from qloader.stages import STAGE_NAMES
+
+
+@pytest.mark.parametrize("quant", ["none", "bnb-nf4", "bnb-int8"])
+@pytest.mark.parametrize("model", ["tiny-llama", pytest.param("smollm2-135m", marks=pytest.mark.smollm2)])
+def test_planned_footprint_is_within_10_percent_of_measured(model: str, quant: str, tmp_path) -> None:
+    manifest = qloader.load([f"model={model}", f"quant={quant}"], run_dir=tmp_path).manifest
+    planned, measured = manifest["plan"]["footprint_bytes"], manifest["model"]["footprint_bytes"]
+    assert abs(planned - measured) <= 0.10 * measured, (planned, measured)
+    assert manifest["plan"]["peak_load_bytes"] > planned and manifest["plan"]["fits"] is True
+
+
+def test_plan_mode_stops_after_preprocess_and_reads_no_tensor_data(tmp_path) -> None:
+    result = run_cli(
+        "mode=plan", "model=tiny-llama", "quant=bnb-nf4", "device_map.max_memory.cpu=2GiB", run_dir=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "qloader plan: device_map {'': 'cpu'}" in result.stdout and "fits max_memory           yes" in result.stdout
+    manifest = read_manifest(tmp_path)
+    assert manifest["mode"] == "plan" and manifest["status"] == "succeeded"
+    assert [s["name"] for s in manifest["stages"]] == list(STAGE_NAMES[:5])
+    assert manifest["model"] is None and manifest["weights_fingerprint"] is None
+    assert all(f["sha256"] is None for f in manifest["checkpoint"]["files"])  # no file was read to hash it
+    cpu = manifest["plan"]["devices"]["cpu"]
+    assert cpu["quantized_bytes"] > 0 and cpu["quant_state_bytes"] > 0 and cpu["unquantized_bytes"] > 0
+    assert manifest["plan"]["budgets"] == {"cpu": 2 * 2**30}
+
+
+@pytest.mark.smollm2
+def test_plan_mode_on_smollm2_matches_a_full_load(smollm2_checkpoint, tmp_path) -> None:
+    assert run_cli("mode=plan", "quant=bnb-nf4", run_dir=tmp_path / "plan").returncode == 0
+    planned = read_manifest(tmp_path / "plan")["plan"]["footprint_bytes"]
+    loaded = qloader.load(["quant=bnb-nf4"], run_dir=tmp_path / "load").manifest["model"]["footprint_bytes"]
+    assert abs(planned - loaded) <= 0.10 * loaded
+
+
+def test_model_that_does_not_fit_says_by_how_much(tmp_path) -> None:
+    result = run_cli("mode=plan", "model=tiny-llama", "quant=none", "device_map.max_memory.cpu=100KB", run_dir=tmp_path)
+    assert result.returncode == 1
+    assert "DeviceMapError" in result.stderr and "the model does not fit" in result.stderr
+    assert "short by" in result.stderr and "could not be placed" in result.stderr
+    manifest = read_manifest(tmp_path)
+    assert (manifest["mode"], manifest["status"], manifest["error"]["stage"]) == ("plan", "failed", "device_map")
