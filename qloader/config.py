@@ -18,7 +18,7 @@ def config_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
 
 
-GROUPS = ("model", "quant", "device_map", "dtype")
+GROUPS = ("model", "quant", "device_map", "dtype", "probe")
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:

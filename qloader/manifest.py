@@ -142,6 +142,7 @@ class RunManifest:
             "model": None,
             "weights_fingerprint": None,
             "saved": None,
+            "probe": None,
             "error": None,
         }
 
@@ -163,6 +164,7 @@ class RunManifest:
             model=_model_section(ctx),
             weights_fingerprint=None if ctx.inventory is None else ctx.inventory.weights_fingerprint,
             saved=_checkpoint_section(ctx.saved),
+            probe=ctx.probe,
         )
         self.data["hardware"] = environment.hardware()  # GPUs are only known once torch is imported
         write_json_atomic(self.path, self.data)

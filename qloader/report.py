@@ -25,6 +25,10 @@ COLUMNS = [
     "load_stage_s",
     "load_anon_growth_mib",
     *[f"{kind}_mib_{stage}" for stage in STAGE_NAMES for kind in ("peak_anon", "peak_rss")],
+    "perplexity",
+    "reference_perplexity",
+    "top1_agreement",
+    "mean_kl",
     "error",
 ]
 
@@ -55,6 +59,9 @@ def _row(job_dir: Path) -> dict:
         load_s=round(sum(s["wall_s"] for s in m["stages"]), 3),
         error=None if m["error"] is None else f"{m['error']['type']}: {m['error']['message']}",
     )
+    probe = m.get("probe") or {}
+    for key in ("perplexity", "reference_perplexity", "top1_agreement", "mean_kl"):
+        row[key] = probe.get(key)
     for stage in m["stages"]:
         if stage["name"] == "load" and stage["anon_peak_bytes"] is not None:
             row["load_stage_s"] = stage["wall_s"]
@@ -99,6 +106,9 @@ def markdown(rows: list[dict]) -> str:
         ("load_stage_s", "load stage s"),
         ("load_anon_growth_mib", "load anon growth MiB"),
         ("peak_anon_mib_load", "load peak anon MiB"),
+        ("perplexity", "ppl"),
+        ("top1_agreement", "top-1 agree"),
+        ("mean_kl", "mean KL"),
         ("error", "error"),
     ]
 

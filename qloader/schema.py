@@ -127,6 +127,16 @@ class SaveConfig:
     max_shard_size: str = "5GB"
 
 
+@dataclass
+class ProbeConfig:
+    enabled: bool = False
+    """Measure fidelity after loading (probe=quick); off by default."""
+    max_tokens: int = 256
+    """Tokens of the shipped English text to score."""
+    prompt: str = "What is the capital of France?"
+    max_new_tokens: int = 16
+
+
 # ---------------------------------------------------------------- the whole run
 
 
@@ -137,6 +147,7 @@ class QloaderConfig:
     device_map: DeviceMapConfig = MISSING
     dtype: DtypeConfig = MISSING
     save: SaveConfig = field(default_factory=SaveConfig)
+    probe: ProbeConfig = MISSING
     mode: str = "load"
     """load: run all seven stages. plan: only resolve ... preprocess on the meta device, and print
     the device map, the bytes per device and the estimated peak, reading no tensor data."""
@@ -154,6 +165,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "quant": {"none": NoQuantConfig, "bnb": BnbQuantConfig},
     "device_map": {"device_map": DeviceMapConfig},
     "dtype": {"dtype": DtypeConfig},
+    "probe": {"probe": ProbeConfig},
 }
 
 

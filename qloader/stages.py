@@ -64,6 +64,8 @@ class LoadContext:
     inventory: Inventory | None = None
     # save (only when save.enabled)
     saved: Checkpoint | None = None
+    # probe (only when probe.enabled)
+    probe: dict | None = None
 
     def next(self, **changes: Any) -> LoadContext:
         return dataclasses.replace(self, **changes)
@@ -273,13 +275,21 @@ def save(ctx: LoadContext) -> LoadContext:
     return ctx.next(saved=saved)
 
 
+def probe(ctx: LoadContext) -> LoadContext:
+    """Optional, last: fidelity of the loaded model (perplexity, agreement and KL vs unquantized, a sample)."""
+    from qloader.probe import run_probe
+
+    return ctx.next(probe=run_probe(ctx.model, ctx.checkpoint, ctx.dtype, ctx.pre_quantized, ctx.cfg.probe))
+
+
 STAGES = (resolve, instantiate_quantizer, validate, device_map, preprocess, load, postprocess)
 STAGE_NAMES = ("resolve", "instantiate", "validate", "device_map", "preprocess", "load", "postprocess")
 
 
 def stages_for(cfg: DictConfig) -> list[tuple[str, object]]:
-    """The seven stages, then `save` when `save.enabled`; `mode=plan` stops after `preprocess`."""
+    """The seven stages, then `save` and `probe` when enabled; `mode=plan` stops after `preprocess`."""
     stages = list(zip(STAGE_NAMES, STAGES, strict=True))
     if cfg.mode == "plan":
         return stages[: STAGE_NAMES.index("preprocess") + 1]
-    return stages + [("save", save)] if cfg.save.enabled else stages
+    stages += [("save", save)] if cfg.save.enabled else []
+    return stages + [("probe", probe)] if cfg.probe.enabled else stages

@@ -28,6 +28,12 @@ def render(manifest: dict) -> str:
         )
     total = sum(s["wall_s"] for s in manifest["stages"])
     lines += [f"  {'total':<12}{total:>9.3f}", ""]
+    if probe := manifest.get("probe"):
+        lines += [
+            f"  probe          perplexity {probe['perplexity']} (unquantized {probe['reference_perplexity']}),"
+            f" top-1 agreement {probe['top1_agreement']}, mean KL {probe['mean_kl']}",
+            f"  sample         {probe['sample']['prompt']!r} -> {probe['sample']['output']!r}",
+        ]
     if manifest.get("saved"):
         lines.append(f"  saved          {manifest['saved']['path']}")
     lines.append(f"  manifest       {manifest['run_dir']}/manifest.json")
