@@ -78,7 +78,8 @@ def _quant_state_bytes(module: nn.Module, numel: int) -> int:
     return blocks * 4 + CODE_4BIT_BYTES
 
 
-def _budgets(max_memory: dict | None) -> dict[str, int]:
+def budgets_in_bytes(max_memory: dict | None) -> dict[str, int]:
+    """max_memory ('2GiB', 500MB, bytes) as bytes per device."""
     from accelerate.utils import convert_file_size_to_int
 
     return {str(d): convert_file_size_to_int(size) for d, size in (max_memory or {}).items()}
@@ -103,7 +104,7 @@ def estimate(model: nn.Module, device_map: dict, largest_shard_bytes: int, max_m
         device.buffer_bytes += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
     footprint = sum(e.total_bytes for e in devices.values())
     placement = {module: str(device) for module, device in device_map.items()}
-    return Plan(placement, devices, footprint, footprint + largest_shard_bytes, _budgets(max_memory))
+    return Plan(placement, devices, footprint, footprint + largest_shard_bytes, budgets_in_bytes(max_memory))
 
 
 def render(plan: dict) -> str:

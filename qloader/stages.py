@@ -207,11 +207,11 @@ def device_map(ctx: LoadContext) -> LoadContext:
 
 
 def _does_not_fit(sizing, request: str, max_memory: dict | None, unplaced: list[str]) -> str:
-    from qloader.plan import estimate
+    from qloader.plan import budgets_in_bytes, estimate
     from qloader.summary import mib
 
     need = estimate(sizing, {"": "cpu"}, 0, None).footprint_bytes
-    have = sum(estimate(sizing, {}, 0, max_memory).budgets.values())
+    have = sum(budgets_in_bytes(max_memory).values())
     return (
         f"device_map '{request}' with max_memory {max_memory}: the model does not fit; it needs about {mib(need)}"
         f" and the budget allows {mib(have)} (short by {mib(max(need - have, 0))}). "
