@@ -33,3 +33,7 @@ class DeviceMapError(QloaderError):
 
 class LoadError(QloaderError):
     """Weights could not be loaded into the model skeleton."""
+
+
+class ProbeError(QloaderError):
+    """The fidelity probe cannot run on this model."""

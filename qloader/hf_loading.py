@@ -182,12 +182,14 @@ def load_shards(
             s: stack.enter_context(safe_open(s, framework="pt", device="cpu", backend="mmap"))
             for s in checkpoint.shards
         }
-        keys_per_shard = {s: list(h.keys()) for s, h in handles.items()}
+        keys_per_shard: dict[Path, list[str]] = {s: [] for s in checkpoint.shards}
+        for key, shard in checkpoint.tensors.items():  # read from the headers in `resolve`
+            keys_per_shard[shard].append(key)
         for index, batch in enumerate(shard_batches(model, keys_per_shard, load_config.weight_mapping)):
             state_dict = {key: handles[shard].get_slice(key) for shard, key in batch}
-            batch_expected = set(model.state_dict())
             info, _ = convert_and_load_state_dict_in_model(model=model, state_dict=state_dict, load_config=load_config)
-            loaded |= batch_expected - info.missing_keys
+            # every expected key is in each call's state dict, so what a call did not miss, it loaded
+            loaded |= expected - info.missing_keys
             unexpected |= info.unexpected_keys
             mismatched |= info.mismatched_keys
             errors += info.error_msgs

@@ -18,14 +18,10 @@ from pathlib import Path
 import torch
 
 from qloader.checkpoint import Checkpoint
-from qloader.errors import QloaderError
+from qloader.errors import ProbeError
 
 TEXT_PATH = Path(__file__).with_name("probe_text.txt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-class ProbeError(QloaderError):
-    """The fidelity probe cannot run on this model."""
 
 
 def _tokenizer(checkpoint: Checkpoint):
