@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qloader.config import CONFIG_NAME, GROUPS, config_dir
-from qloader.errors import QloaderError
+from qloader.errors import OutputError, QloaderError
 from qloader.schema import register_configs
 
 register_configs()
@@ -27,19 +32,49 @@ def _main(cfg: DictConfig) -> str | None:
         from qloader.sweep import run_job
 
         return run_job(run_dir, hydra_cfg.job.num, list(hydra_cfg.overrides.task))
-    try:
+    with exit_on_failure(run_dir / "manifest.json"):
         choices = {group: hydra_cfg.runtime.choices.get(group) for group in GROUPS}
         result = pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task), choices=choices)
-    except QloaderError as e:
-        print(f"qloader: error: {type(e).__name__}: {e}", file=sys.stderr)
-        print(f"qloader: manifest (failed): {run_dir / 'manifest.json'}", file=sys.stderr)
-        sys.exit(1)
     if cfg.mode == "plan":
         from qloader.plan import render
 
         print(render(result.manifest["plan"]))
     elif cfg.summary:
         print(summary.render(result.manifest))
+
+
+class CheckRunDir(Callback):
+    """Before Hydra creates the run (or sweep) dir: an unwritable one is one clear line, not a traceback."""
+
+    def _check(self, path: str) -> None:
+        from qloader.manifest import check_output_dir
+
+        with exit_on_failure(None):
+            check_output_dir(Path(path).absolute())
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir)
+
+
+@contextmanager
+def exit_on_failure(manifest: Path | None) -> Iterator[None]:
+    """A failed run exits 1 with one line naming the error; a killed one exits 130 (SIGINT) or 143 (SIGTERM)."""
+    try:
+        yield
+    except OutputError as e:  # no manifest could be written
+        print(f"qloader: error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
+    except QloaderError as e:
+        print(f"qloader: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"qloader: manifest (failed): {manifest}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as e:
+        name = getattr(e, "signal_name", "SIGINT")
+        print(f"qloader: killed by {name}; manifest (killed): {manifest}", file=sys.stderr)
+        sys.exit(128 + signal.Signals[name].value)
 
 
 def main() -> None:

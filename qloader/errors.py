@@ -16,7 +16,19 @@ class ConfigError(QloaderError):
 
 
 class CheckpointError(QloaderError):
-    """A checkpoint folder or file is missing or unreadable."""
+    """A checkpoint folder or file is missing, unreadable, truncated or inconsistent with its index."""
+
+
+class UnsafeCheckpointError(QloaderError):
+    """Loading the checkpoint would run code from it (pickle, custom modeling code) and that was not allowed."""
+
+
+class CheckpointMismatchError(QloaderError):
+    """The checkpoint's tensors do not fit the model its config.json describes (missing, unexpected, shape)."""
+
+
+class NonFiniteWeightError(QloaderError):
+    """A loaded weight holds NaN or Inf."""
 
 
 class QuantizationMismatchError(QloaderError):
@@ -37,3 +49,15 @@ class LoadError(QloaderError):
 
 class ProbeError(QloaderError):
     """The fidelity probe cannot run on this model."""
+
+
+class OutputError(QloaderError):
+    """The run's own output (manifest, run dir) cannot be written."""
+
+
+class RunKilled(KeyboardInterrupt):
+    """A termination signal (SIGTERM) arrived during a run; recorded like Ctrl-C, as `status: killed`."""
+
+    def __init__(self, signal_name: str):
+        self.signal_name = signal_name
+        super().__init__(f"received {signal_name}")

@@ -37,8 +37,13 @@ from qloader.checkpoint import Checkpoint
 from qloader.errors import CheckpointError
 
 
-def causal_lm_class(config: PreTrainedConfig) -> type[PreTrainedModel]:
-    """The class `AutoModelForCausalLM` would pick for this config."""
+def causal_lm_class(config: PreTrainedConfig, trust_remote_code: bool = False) -> type[PreTrainedModel]:
+    """The class `AutoModelForCausalLM` would pick for this config (its `auto_map` class if trusted)."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], config._name_or_path)
     try:
         return _get_model_class(config, AutoModelForCausalLM._model_mapping)
     except (KeyError, ValueError) as e:
@@ -117,7 +122,7 @@ def load_state_config(model: PreTrainedModel, checkpoint: Checkpoint, device_map
         hf_quantizer=quantizer,
         weights_only=True,
         weight_mapping=get_model_conversion_mapping(model, None, quantizer),
-        use_safetensors=True,
+        use_safetensors=checkpoint.format == "safetensors",
     )
 
 
@@ -160,6 +165,15 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _lazy_tensors(stack: ExitStack, shard: Path, fmt: str) -> Callable[[str], object]:
+    """name -> the tensor, read only when it is materialized: mmap, as from_pretrained reads shards."""
+    if fmt == "pickle":
+        from qloader.checkpoint import load_pickle_shard
+
+        return load_pickle_shard(shard).__getitem__
+    return stack.enter_context(safe_open(shard, framework="pt", device="cpu", backend="mmap")).get_slice
+
+
 def load_shards(
     model: PreTrainedModel,
     checkpoint: Checkpoint,
@@ -177,16 +191,12 @@ def load_shards(
     mismatched: set = set()
     errors: list[str] = []
     with ExitStack() as stack, _quiet_transformers():
-        # mmap, as from_pretrained reads them: a tensor's bytes are read only when it is materialized
-        handles = {
-            s: stack.enter_context(safe_open(s, framework="pt", device="cpu", backend="mmap"))
-            for s in checkpoint.shards
-        }
+        handles = {s: _lazy_tensors(stack, s, checkpoint.format) for s in checkpoint.shards}
         keys_per_shard: dict[Path, list[str]] = {s: [] for s in checkpoint.shards}
         for key, shard in checkpoint.tensors.items():  # read from the headers in `resolve`
             keys_per_shard[shard].append(key)
         for index, batch in enumerate(shard_batches(model, keys_per_shard, load_config.weight_mapping)):
-            state_dict = {key: handles[shard].get_slice(key) for shard, key in batch}
+            state_dict = {key: handles[shard](key) for shard, key in batch}
             info, _ = convert_and_load_state_dict_in_model(model=model, state_dict=state_dict, load_config=load_config)
             # every expected key is in each call's state dict, so what a call did not miss, it loaded
             loaded |= expected - info.missing_keys

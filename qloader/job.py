@@ -15,24 +15,30 @@ from omegaconf import OmegaConf
 
 
 def run_in_fresh_process(run_dir: Path) -> int:
-    """Run the job saved in `run_dir/.hydra/` in a child process; its exit code (0: succeeded)."""
-    return subprocess.run([sys.executable, "-m", "qloader.job", str(run_dir)]).returncode
+    """Run the job saved in `run_dir/.hydra/` in a child process; its exit code (0: succeeded).
+
+    If the sweep itself is interrupted, the child is stopped with SIGTERM and records `killed`.
+    """
+    child = subprocess.Popen([sys.executable, "-m", "qloader.job", str(run_dir)])
+    try:
+        return child.wait()
+    except BaseException:
+        child.terminate()
+        child.wait()
+        raise
 
 
 def main(run_dir: Path) -> int:
     from qloader import pipeline
+    from qloader.cli import exit_on_failure
     from qloader.config import GROUPS
-    from qloader.errors import QloaderError
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     overrides = list(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"))
     runtime = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime
     choices = {group: runtime.choices.get(group) for group in GROUPS}
-    try:
+    with exit_on_failure(run_dir / "manifest.json"):
         pipeline.run(cfg, run_dir, overrides, choices=choices)
-    except QloaderError as e:
-        print(f"qloader: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
     return 0
 
 

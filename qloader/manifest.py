@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from qloader import environment
+from qloader.errors import OutputError
 from qloader.measure import StageStats, memory_method
 
 SCHEMA_VERSION = 1
@@ -35,6 +36,17 @@ def config_hash(config: dict) -> str:
     """sha256 of the canonical JSON of the resolved config (sorted keys, no whitespace)."""
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_output_dir(path: Path) -> None:
+    """Fail before any work if `path` can neither be created nor written."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"run dir '{path}' cannot be created: '{existing}' is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"run dir '{path}' cannot be written: '{existing}' is not writable")
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -104,6 +116,7 @@ def _model_section(ctx) -> dict | None:
         "skipped_modules": inv.skipped_modules,
         "missing_keys": inv.missing_keys,
         "unexpected_keys": inv.unexpected_keys,
+        "finite_check": ctx.finite_check,
         "device_map": _device_map_json(ctx.device_map),
     }
 
@@ -146,8 +159,14 @@ class RunManifest:
             "error": None,
         }
 
+    def _write(self) -> None:
+        try:
+            write_json_atomic(self.path, self.data)
+        except OSError as e:
+            raise OutputError(f"cannot write the run manifest {self.path}: {e.strerror or e}") from e
+
     def begin(self) -> RunManifest:
-        write_json_atomic(self.path, self.data)
+        self._write()
         return self
 
     def add_stage(self, stats: StageStats) -> None:
@@ -167,13 +186,18 @@ class RunManifest:
             probe=ctx.probe,
         )
         self.data["hardware"] = environment.hardware()  # GPUs are only known once torch is imported
-        write_json_atomic(self.path, self.data)
+        self._write()
         return self.data
 
     def succeed(self, ctx) -> dict:
         return self._finish("succeeded", ctx)
 
     def fail(self, error: BaseException, stage: str | None, ctx) -> dict:
+        """Record the failure; if even that cannot be written, the file keeps its last complete state."""
         status = "killed" if isinstance(error, KeyboardInterrupt) else "failed"
-        self.data["error"] = {"type": type(error).__name__, "message": str(error), "stage": stage}
-        return self._finish(status, ctx)
+        message = str(error) or ("interrupted (SIGINT)" if status == "killed" else "")
+        self.data["error"] = {"type": type(error).__name__, "message": message, "stage": stage}
+        try:
+            return self._finish(status, ctx)
+        except OutputError:
+            return self.data

@@ -23,6 +23,10 @@ class ModelConfig:
     """A callable that returns a local transformers checkpoint folder (plug in your own)."""
     expected_sha256: dict[str, str] = field(default_factory=dict)
     """Pins the checkpoint: file name -> sha256. A mismatch fails in `validate`, before any load."""
+    allow_pickle: bool = False
+    """Read `pytorch_model.bin` weights (only with torch.load(weights_only=True)); off: refuse them."""
+    trust_remote_code: bool = False
+    """Run the modeling code a checkpoint names in config.json `auto_map`; off: refuse such checkpoints."""
 
 
 @dataclass
@@ -137,6 +141,13 @@ class ProbeConfig:
     max_new_tokens: int = 16
 
 
+@dataclass
+class ValidateConfig:
+    finite: Any = "auto"
+    """Check every loaded weight for NaN and Inf: true | false | auto (models up to finite_max_parameters)."""
+    finite_max_parameters: int = 1_000_000_000
+
+
 # ---------------------------------------------------------------- the whole run
 
 
@@ -147,6 +158,7 @@ class QloaderConfig:
     device_map: DeviceMapConfig = MISSING
     dtype: DtypeConfig = MISSING
     save: SaveConfig = field(default_factory=SaveConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     probe: ProbeConfig = MISSING
     mode: str = "load"
     """load: run all seven stages. plan: only resolve ... preprocess on the meta device, and print

@@ -13,14 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from qloader import checkpoint_writer, devices, quantization
+from qloader import checkpoint_writer, devices, integrity, quantization
 from qloader.checkpoint import Checkpoint, inspect_checkpoint
 from qloader.errors import (
     CheckpointError,
+    CheckpointMismatchError,
     ConfigError,
     DeviceMapError,
     EnvironmentMismatchError,
     LoadError,
+    NonFiniteWeightError,
 )
 from qloader.sources import checkpoint_folder
 
@@ -61,6 +63,7 @@ class LoadContext:
     # load
     loading_info: Any = None
     # postprocess
+    finite_check: str | None = None
     inventory: Inventory | None = None
     # save (only when save.enabled)
     saved: Checkpoint | None = None
@@ -80,6 +83,8 @@ def _check_fields(cfg: DictConfig) -> None:
         problems.append(f"dtype.name '{cfg.dtype.name}' is not a dtype qloader loads (one of {', '.join(DTYPES)})")
     if cfg.mode not in MODES:
         problems.append(f"mode '{cfg.mode}' is not one of {', '.join(MODES)}")
+    if not isinstance(cfg.validate.finite, bool) and cfg.validate.finite != "auto":
+        problems.append(f"validate.finite '{cfg.validate.finite}' is not one of true, false, auto")
     if problems:
         raise ConfigError(problems)
 
@@ -91,9 +96,13 @@ def resolve(ctx: LoadContext) -> LoadContext:
     from qloader import hf_loading
 
     _check_fields(ctx.cfg)
-    checkpoint = inspect_checkpoint(checkpoint_folder(ctx.cfg.model), hash_files=ctx.cfg.mode != "plan")
+    model = ctx.cfg.model
+    checkpoint = inspect_checkpoint(
+        checkpoint_folder(model), hash_files=ctx.cfg.mode != "plan", allow_pickle=model.allow_pickle
+    )
+    integrity.check_remote_code(checkpoint.path / "config.json", trusted=model.trust_remote_code)
     try:
-        hf_config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
+        hf_config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{checkpoint.path / 'config.json'}: {e}") from e
     user_qconfig = quantization.build_quantization_config(ctx.cfg.quant)
@@ -191,7 +200,7 @@ def device_map(ctx: LoadContext) -> LoadContext:
         return ctx.next(device_map_request=request, device_map=request)
     # Sizing needs the quantized skeleton (4-bit modules weigh half a byte per weight): build a
     # throwaway one on the meta device; `preprocess` builds the real one.
-    model_cls = hf_loading.causal_lm_class(ctx.hf_config)
+    model_cls = hf_loading.causal_lm_class(ctx.hf_config, ctx.cfg.model.trust_remote_code)
     sizing = hf_loading.build_skeleton(model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.checkpoint)
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
     final = hf_loading.infer_device_map(sizing, request, max_memory, ctx.quantizer)
@@ -215,7 +224,8 @@ def _does_not_fit(sizing, request: str, max_memory: dict | None, unplaced: list[
     return (
         f"device_map '{request}' with max_memory {max_memory}: the model does not fit; it needs about {mib(need)}"
         f" and the budget allows {mib(have)} (short by {mib(max(need - have, 0))}). "
-        f"{len(unplaced)} module(s) could not be placed: {', '.join(m or '(the whole model)' for m in unplaced[:8])}"
+        f"{len(unplaced)} module(s) could not be placed: {', '.join(m or '(the whole model)' for m in unplaced[:8])}. "
+        "Raise max_memory; qloader offloads to disk only when device_map.offload_folder is set"
     )
 
 
@@ -225,11 +235,14 @@ def preprocess(ctx: LoadContext) -> LoadContext:
     from qloader import hf_loading
     from qloader.plan import estimate
 
-    model_cls = hf_loading.causal_lm_class(ctx.hf_config)
+    model_cls = hf_loading.causal_lm_class(ctx.hf_config, ctx.cfg.model.trust_remote_code)
     model = hf_loading.build_skeleton(
         model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, ctx.device_map_request, ctx.checkpoint
     )
     load_config = hf_loading.load_state_config(model, ctx.checkpoint, ctx.device_map, ctx.dtype, ctx.quantizer)
+    integrity.check_tensors_fit_model(
+        model, ctx.checkpoint.shapes, load_config.weight_mapping, ctx.quantizer, ctx.checkpoint.path
+    )
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
     plan = estimate(model, ctx.device_map, ctx.checkpoint.largest_shard_bytes, max_memory)
     return ctx.next(model=model, load_config=load_config, plan=plan)
@@ -265,8 +278,32 @@ def postprocess(ctx: LoadContext) -> LoadContext:
     from qloader import hf_loading
     from qloader.inventory import take_inventory
 
-    hf_loading.finalize(ctx.model, ctx.load_config, ctx.loading_info, ctx.quantizer)
-    return ctx.next(inventory=take_inventory(ctx.model, ctx.loading_info))
+    info = ctx.loading_info
+    try:
+        hf_loading.finalize(ctx.model, ctx.load_config, info, ctx.quantizer)
+    except RuntimeError as e:  # transformers' own load report: size mismatches, conversion errors
+        raise LoadError(f"{ctx.checkpoint.path}: {e}") from e
+    if info.missing_keys or info.unexpected_keys:  # `preprocess` checked the headers; this checks the load itself
+        raise CheckpointMismatchError(
+            f"{ctx.checkpoint.path}: loading left {len(info.missing_keys)} weight(s) missing "
+            f"({integrity.listing(info.missing_keys)}) and {len(info.unexpected_keys)} unexpected "
+            f"({integrity.listing(info.unexpected_keys)})"
+        )
+    finite_check = _check_finite(ctx.model, ctx.cfg.validate, ctx.checkpoint)
+    return ctx.next(finite_check=finite_check, inventory=take_inventory(ctx.model, info))
+
+
+def _check_finite(model, validate_cfg: DictConfig, checkpoint: Checkpoint) -> str:
+    """`validate.finite`: fail on any NaN or Inf weight; 'auto' checks models up to finite_max_parameters."""
+    size = checkpoint.parameters
+    if validate_cfg.finite is False or (validate_cfg.finite == "auto" and size > validate_cfg.finite_max_parameters):
+        return "skipped"
+    if bad := integrity.nonfinite_weights(model):
+        raise NonFiniteWeightError(
+            f"{checkpoint.path}: {len(bad)} weight(s) hold NaN or Inf after loading: {integrity.listing(bad)}. "
+            "Set validate.finite=false to load it anyway"
+        )
+    return "passed"
 
 
 def save(ctx: LoadContext) -> LoadContext:

@@ -1,0 +1,59 @@
+"""Ways to damage a copy of a checkpoint, for the hardening tests: each edits files in place."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+INDEX = "model.safetensors.index.json"
+
+
+def copy_checkpoint(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def shard_of(folder: Path, tensor: str) -> Path:
+    return folder / json.loads((folder / INDEX).read_text())["weight_map"][tensor]
+
+
+def edit_index(folder: Path, edit: Callable[[dict], None]) -> None:
+    index = json.loads((folder / INDEX).read_text())
+    edit(index["weight_map"])
+    (folder / INDEX).write_text(json.dumps(index, indent=2))
+
+
+def read_header(shard: Path) -> tuple[dict, bytes]:
+    """The header as a dict, and the data section's bytes."""
+    raw = shard.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
+
+
+def write_header(shard: Path, header: dict, data: bytes) -> None:
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    shard.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+
+
+def edit_tensors(shard: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    """Rewrite a shard through safetensors itself, after `edit` changed its tensors."""
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def tree_state(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every path under `folder` (itself included) -> (size, mtime_ns)."""
+    paths = [folder, *sorted(folder.rglob("*"))]
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in paths}
