@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -71,3 +72,18 @@ def cuda_devices_asked(request: str | dict, max_memory: dict | None) -> set[int]
         if isinstance(key, int):
             asked.add(key)
     return asked
+
+
+def offload_folder(device_map: DictConfig, checkpoint: Path) -> Path | None:
+    """`device_map.offload_folder`, resolved; never inside the checkpoint, which qloader does not write to."""
+    if not device_map.offload_folder:
+        return None
+    folder = Path(device_map.offload_folder).expanduser().resolve()
+    if folder == checkpoint or checkpoint in folder.parents:
+        from qloader.errors import DeviceMapError
+
+        raise DeviceMapError(
+            f"device_map.offload_folder '{device_map.offload_folder}' is inside the checkpoint '{checkpoint}'; "
+            "qloader never writes there, choose another folder"
+        )
+    return folder

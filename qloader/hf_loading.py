@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, convert_and_load_state_dict_in_model
 from transformers.integrations.accelerate import (
+    accelerate_disk_offload,
     accelerate_dispatch,
     check_and_set_device_map,
     expand_device_map,
@@ -112,8 +113,11 @@ def infer_device_map(model: PreTrainedModel, strategy: str, max_memory: dict | N
     )
 
 
-def load_state_config(model: PreTrainedModel, checkpoint: Checkpoint, device_map, dtype, quantizer):
+def load_state_config(
+    model: PreTrainedModel, checkpoint: Checkpoint, device_map, dtype, quantizer, offload_folder: Path | None = None
+):
     return LoadStateDictConfig(
+        disk_offload_folder=None if offload_folder is None else str(offload_folder),
         pretrained_model_name_or_path=str(checkpoint.path),
         sharded_metadata=checkpoint.sharded_metadata,
         device_map=device_map,
@@ -179,9 +183,22 @@ def load_shards(
     checkpoint: Checkpoint,
     load_config: LoadStateDictConfig,
     on_batch: Callable[[int, int], None] = lambda index, tensors: None,
-) -> LoadStateDictInfo:
-    """Stream the shards: each batch is read lazily (mmap), quantized on the fly and placed."""
+) -> tuple[LoadStateDictInfo, dict | None]:
+    """Stream the shards: each batch is read lazily (mmap), quantized on the fly and placed.
+
+    Returns the load report and, when modules sit on 'disk', accelerate's offload index.
+    """
     expected = set(model.state_dict())
+    offload_index = None
+    if load_config.device_map is not None and "disk" in load_config.device_map.values():
+        offload_index = accelerate_disk_offload(
+            model,
+            load_config.disk_offload_folder,
+            [str(s) for s in checkpoint.shards],
+            load_config.device_map,
+            checkpoint.sharded_metadata,
+            load_config.weight_mapping,
+        )
     if load_config.device_map is not None:
         caching_allocator_warmup(
             model, expand_device_map(load_config.device_map, list(expected)), load_config.hf_quantizer
@@ -197,14 +214,16 @@ def load_shards(
             keys_per_shard[shard].append(key)
         for index, batch in enumerate(shard_batches(model, keys_per_shard, load_config.weight_mapping)):
             state_dict = {key: handles[shard](key) for shard, key in batch}
-            info, _ = convert_and_load_state_dict_in_model(model=model, state_dict=state_dict, load_config=load_config)
+            info, offload_index = convert_and_load_state_dict_in_model(
+                model=model, state_dict=state_dict, load_config=load_config, disk_offload_index=offload_index
+            )
             # every expected key is in each call's state dict, so what a call did not miss, it loaded
             loaded |= expected - info.missing_keys
             unexpected |= info.unexpected_keys
             mismatched |= info.mismatched_keys
             errors += info.error_msgs
             on_batch(index, len(batch))
-    return LoadStateDictInfo(
+    info = LoadStateDictInfo(
         missing_keys=expected - loaded,
         unexpected_keys=unexpected,
         mismatched_keys=mismatched,
@@ -212,9 +231,16 @@ def load_shards(
         conversion_errors={},
         skipped_pp_keys=set(),
     )
+    return info, offload_index
 
 
-def finalize(model: PreTrainedModel, load_config: LoadStateDictConfig, info: LoadStateDictInfo, quantizer) -> None:
+def finalize(
+    model: PreTrainedModel,
+    load_config: LoadStateDictConfig,
+    info: LoadStateDictInfo,
+    quantizer,
+    offload_index: dict | None = None,
+) -> None:
     """What from_pretrained does after the weights: tie, init missing, eval, generation config, dispatch."""
     PreTrainedModel._finalize_model_loading(model, load_config, info)
     model.eval()
@@ -235,7 +261,16 @@ def finalize(model: PreTrainedModel, load_config: LoadStateDictConfig, info: Loa
         )
     device_map = load_config.device_map
     if device_map is not None and len(set(device_map.values())) > 1:
-        accelerate_dispatch(model, quantizer, device_map, None, None, False)
+        accelerate_dispatch(model, quantizer, device_map, load_config.disk_offload_folder, offload_index, False)
     if quantizer is not None:
         model.hf_quantizer = quantizer
         quantizer.postprocess_model(model)
+
+
+def offloaded_weights(load_config: LoadStateDictConfig, offload_index: dict | None):
+    """name -> tensor for the weights placed on 'disk', read one at a time (accelerate's loader)."""
+    if not offload_index:
+        return None
+    from accelerate.utils import OffloadedWeightsLoader
+
+    return OffloadedWeightsLoader(save_folder=load_config.disk_offload_folder, index=offload_index)

@@ -193,15 +193,18 @@ def check_tensors_fit_model(model, shapes: dict[str, tuple[int, ...]], weight_ma
         )
 
 
-def nonfinite_weights(model) -> list[str]:
+def nonfinite_weights(model, offloaded=None) -> list[str]:
     """Parameters and buffers holding NaN or Inf; a bitsandbytes weight by its scales (absmax, SCB),
-    which bitsandbytes computes from the source weight, so a NaN or Inf anywhere in it shows there."""
+    which bitsandbytes computes from the source weight, so a NaN or Inf anywhere in it shows there.
+    Weights offloaded to disk are read from `offloaded`, one at a time."""
     import torch
 
     from qloader.inventory import quant_state_tensors
 
     bad = []
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.device.type == "meta" and offloaded is not None:
+            tensor = offloaded[name]
         checked = [t for t in (tensor, *quant_state_tensors(tensor)) if t.is_floating_point()]
         for t in checked:
             if not bool(torch.isfinite(t).all()):

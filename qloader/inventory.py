@@ -49,6 +49,8 @@ def footprint_bytes(model: nn.Module) -> int:
     total = 0
     tensors = [t for p in model.parameters() for t in (p, *quant_state_tensors(p))] + list(model.buffers())
     for tensor in tensors:
+        if tensor.device.type == "meta":  # offloaded to disk: holds no memory
+            continue
         key = (str(tensor.device), tensor.untyped_storage().data_ptr())
         if key not in seen:
             seen.add(key)
@@ -56,7 +58,7 @@ def footprint_bytes(model: nn.Module) -> int:
     return total
 
 
-def take_inventory(model: nn.Module, loading_info) -> Inventory:
+def take_inventory(model: nn.Module, loading_info, offloaded=None) -> Inventory:
     from qloader.fingerprint import weights_fingerprint
 
     classes = Counter(type(m).__name__ for m in model.modules() if type(m).__name__ in QUANTIZED_CLASSES)
@@ -69,5 +71,5 @@ def take_inventory(model: nn.Module, loading_info) -> Inventory:
         skipped_modules=skipped,
         missing_keys=sorted(loading_info.missing_keys),
         unexpected_keys=sorted(loading_info.unexpected_keys),
-        weights_fingerprint=weights_fingerprint(model),
+        weights_fingerprint=weights_fingerprint(model, offloaded),
     )

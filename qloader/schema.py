@@ -114,6 +114,9 @@ class DeviceMapConfig:
     Further GPUs: `+device_map.max_memory.1=20GiB`."""
     modules: dict[str, Any] = field(default_factory=dict)
     """The module -> device mapping, used with strategy=explicit."""
+    offload_folder: str | None = None
+    """Where modules placed on 'disk' keep their weights. Unset: nothing is ever offloaded to disk, and a
+    model that does not fit max_memory fails in `device_map` instead."""
 
 
 @dataclass

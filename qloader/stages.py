@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
@@ -62,6 +63,7 @@ class LoadContext:
     plan: Plan | None = None
     # load
     loading_info: Any = None
+    offload_index: dict | None = None
     # postprocess
     finite_check: str | None = None
     inventory: Inventory | None = None
@@ -196,7 +198,9 @@ def device_map(ctx: LoadContext) -> LoadContext:
     request = hf_loading.normalize_device_map(devices.device_map_request(ctx.cfg.device_map))
     if ctx.quantizer is not None:
         request = ctx.quantizer.update_device_map(request)
+    offload_folder = devices.offload_folder(ctx.cfg.device_map, ctx.checkpoint.path)
     if isinstance(request, dict):
+        _check_disk(request, offload_folder, f"device_map.modules {request}")
         return ctx.next(device_map_request=request, device_map=request)
     # Sizing needs the quantized skeleton (4-bit modules weigh half a byte per weight): build a
     # throwaway one on the meta device; `preprocess` builds the real one.
@@ -205,7 +209,7 @@ def device_map(ctx: LoadContext) -> LoadContext:
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
     final = hf_loading.infer_device_map(sizing, request, max_memory, ctx.quantizer)
     on_disk = sorted(module for module, device in final.items() if device == "disk")
-    if on_disk:
+    if on_disk and offload_folder is None:
         raise DeviceMapError(_does_not_fit(sizing, request, max_memory, on_disk))
     if ctx.quantizer is not None:
         try:
@@ -213,6 +217,14 @@ def device_map(ctx: LoadContext) -> LoadContext:
         except ValueError as e:
             raise DeviceMapError(f"device_map '{request}' -> {final}: {e}") from e
     return ctx.next(device_map_request=request, device_map=final)
+
+
+def _check_disk(device_map: dict, offload_folder: Path | None, what: str) -> None:
+    on_disk = sorted(module for module, device in device_map.items() if device == "disk")
+    if on_disk and offload_folder is None:
+        raise DeviceMapError(
+            f"{what} places {integrity.listing(on_disk)} on disk; set device_map.offload_folder to allow it"
+        )
 
 
 def _does_not_fit(sizing, request: str, max_memory: dict | None, unplaced: list[str]) -> str:
@@ -239,7 +251,10 @@ def preprocess(ctx: LoadContext) -> LoadContext:
     model = hf_loading.build_skeleton(
         model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, ctx.device_map_request, ctx.checkpoint
     )
-    load_config = hf_loading.load_state_config(model, ctx.checkpoint, ctx.device_map, ctx.dtype, ctx.quantizer)
+    offload_folder = devices.offload_folder(ctx.cfg.device_map, ctx.checkpoint.path)
+    load_config = hf_loading.load_state_config(
+        model, ctx.checkpoint, ctx.device_map, ctx.dtype, ctx.quantizer, offload_folder
+    )
     integrity.check_tensors_fit_model(
         model, ctx.checkpoint.shapes, load_config.weight_mapping, ctx.quantizer, ctx.checkpoint.path
     )
@@ -267,10 +282,10 @@ def load(ctx: LoadContext) -> LoadContext:
             bar.update(tensors)
 
         try:
-            info = hf_loading.load_shards(ctx.model, ctx.checkpoint, ctx.load_config, on_batch)
+            info, offload_index = hf_loading.load_shards(ctx.model, ctx.checkpoint, ctx.load_config, on_batch)
         except (OSError, RuntimeError, ValueError) as e:
             raise LoadError(f"{ctx.checkpoint.path}: {type(e).__name__}: {e}") from e
-    return ctx.next(loading_info=info)
+    return ctx.next(loading_info=info, offload_index=offload_index)
 
 
 def postprocess(ctx: LoadContext) -> LoadContext:
@@ -280,7 +295,7 @@ def postprocess(ctx: LoadContext) -> LoadContext:
 
     info = ctx.loading_info
     try:
-        hf_loading.finalize(ctx.model, ctx.load_config, info, ctx.quantizer)
+        hf_loading.finalize(ctx.model, ctx.load_config, info, ctx.quantizer, ctx.offload_index)
     except RuntimeError as e:  # transformers' own load report: size mismatches, conversion errors
         raise LoadError(f"{ctx.checkpoint.path}: {e}") from e
     if info.missing_keys or info.unexpected_keys:  # `preprocess` checked the headers; this checks the load itself
@@ -289,16 +304,17 @@ def postprocess(ctx: LoadContext) -> LoadContext:
             f"({integrity.listing(info.missing_keys)}) and {len(info.unexpected_keys)} unexpected "
             f"({integrity.listing(info.unexpected_keys)})"
         )
-    finite_check = _check_finite(ctx.model, ctx.cfg.validate, ctx.checkpoint)
-    return ctx.next(finite_check=finite_check, inventory=take_inventory(ctx.model, info))
+    offloaded = hf_loading.offloaded_weights(ctx.load_config, ctx.offload_index)
+    finite_check = _check_finite(ctx.model, ctx.cfg.validate, ctx.checkpoint, offloaded)
+    return ctx.next(finite_check=finite_check, inventory=take_inventory(ctx.model, info, offloaded))
 
 
-def _check_finite(model, validate_cfg: DictConfig, checkpoint: Checkpoint) -> str:
+def _check_finite(model, validate_cfg: DictConfig, checkpoint: Checkpoint, offloaded) -> str:
     """`validate.finite`: fail on any NaN or Inf weight; 'auto' checks models up to finite_max_parameters."""
     size = checkpoint.parameters
     if validate_cfg.finite is False or (validate_cfg.finite == "auto" and size > validate_cfg.finite_max_parameters):
         return "skipped"
-    if bad := integrity.nonfinite_weights(model):
+    if bad := integrity.nonfinite_weights(model, offloaded):
         raise NonFiniteWeightError(
             f"{checkpoint.path}: {len(bad)} weight(s) hold NaN or Inf after loading: {integrity.listing(bad)}. "
             "Set validate.finite=false to load it anyway"

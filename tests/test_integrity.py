@@ -356,6 +356,50 @@ def test_too_small_max_memory_names_the_shortfall_and_never_offloads(tmp_path) -
     assert manifest["error"]["stage"] == "device_map" and manifest["model"] is None
 
 
+def test_explicit_disk_placement_needs_an_offload_folder(tmp_path) -> None:
+    with pytest.raises(QloaderError, match=r"places lm_head on disk; set device_map.offload_folder") as raised:
+        qloader.load(
+            [
+                "model=tiny-llama",
+                "quant=none",
+                "device_map=explicit",
+                "+device_map.modules={model: cpu, lm_head: disk}",
+            ],
+            run_dir=tmp_path,
+        )
+    assert type(raised.value).__name__ == "DeviceMapError"
+
+
+def test_offload_folder_inside_the_checkpoint_is_refused(damaged, tmp_path) -> None:
+    inside = f"device_map.offload_folder={damaged / 'offload'}"
+    assert_fails(
+        damaged, tmp_path, "DeviceMapError", "device_map", "is inside the checkpoint",
+        overrides=["device_map=auto", "device_map.max_memory.cpu=200KB", inside],
+    )  # fmt: skip
+
+
+def test_offload_folder_allows_disk_offload_as_transformers_does(damaged, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    before = tree_state(damaged)
+    budget = ["device_map=auto", "device_map.max_memory.cpu=200KB"]
+    offload = f"device_map.offload_folder={tmp_path / 'offload'}"
+    result = load_local(damaged, tmp_path / "run", "quant=none", *budget, offload)
+    device_map = result.manifest["model"]["device_map"]
+    assert "disk" in device_map.values() and "cpu" in device_map.values()
+    theirs = AutoModelForCausalLM.from_pretrained(
+        damaged, dtype=torch.bfloat16, device_map="auto", max_memory={"cpu": "200KB"}, offload_folder=tmp_path / "t"
+    )
+    assert theirs.hf_device_map == device_map
+    with torch.no_grad():
+        ids = torch.tensor([[1, 17, 42, 99]])
+        assert torch.equal(result.model(ids).logits, theirs(ids).logits)
+    in_memory = load_local(damaged, tmp_path / "plain", "quant=none")  # same weights, none offloaded
+    assert result.manifest["weights_fingerprint"] == in_memory.manifest["weights_fingerprint"]
+    assert result.manifest["model"]["finite_check"] == "passed"
+    assert tree_state(damaged) == before
+
+
 # The checkpoint folder is never written ---------------------------------------------------------
 
 
