@@ -225,8 +225,11 @@ def load_pickle_shard(shard: Path) -> dict:
                 raise
             state = torch.load(shard, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1][:300]
-        raise UnsafeCheckpointError(f"{shard}: torch.load(weights_only=True) refused it: {reason}") from e
+        lines = [line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line]
+        reason = lines[0].removeprefix("WeightsUnpickler error: ").split(". ")[0] if lines else str(e)[:200]
+        raise UnsafeCheckpointError(
+            f"{shard}: torch.load(weights_only=True) refused it ({reason}): it holds more than tensors"
+        ) from e
     except Exception as e:
         if is_lfs_pointer(shard):
             raise CheckpointError(describe_bad_shard(shard, e)) from e
