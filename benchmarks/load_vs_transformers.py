@@ -1,15 +1,16 @@
 """qloader vs plain transformers: the same load, side by side, each in a fresh process.
 
-    python benchmarks/load_vs_transformers.py                  # none, nf4 + double quant, int8; 5 pairs each
+    python benchmarks/load_vs_transformers.py                  # none, nf4 + double quant, int8; 5 rounds each
     python benchmarks/load_vs_transformers.py --modes nf4-dq --pairs 3
 
 The model is `model=synthetic-1b` (about 1B parameters, bf16, 4 shards of at most 512 MiB),
-generated once into the qloader cache. For every mode, runs alternate qloader, transformers,
-qloader, transformers, ...; each run is a fresh Python process that imports what its loader
-needs, then loads once. Both sides are measured by the same instrument (`qloader.measure`):
-wall time of the load call, peak RSS (VmHWM, reset after the imports) and peak anonymous RSS
-(a sampling helper process). One unmeasured run per loader first warms the page cache and
-qloader's hash cache. Results: benchmarks/results/load_vs_transformers.{json,md}.
+generated once into the qloader cache. For every mode, runs alternate: qloader, transformers,
+qloader with `validate.fingerprint=false` (to show what the fingerprint costs), then again. Each
+run is a fresh Python process that imports the same libraries, then loads once. All sides are
+measured by the same instrument: wall time of the load call, and peak RSS and peak anonymous
+RSS sampled every 2 ms by a helper process (`qloader.measure.PeakSampler`). One unmeasured run
+per side first warms the page cache and qloader's hash cache.
+Results: benchmarks/results/load_vs_transformers.{json,md}.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ MODES = {
     "nf4-dq": (["quant=bnb-nf4", "quant.bnb_4bit_use_double_quant=true"], "nf4-dq"),
     "int8": (["quant=bnb-int8"], "int8"),
 }
-LOADERS = ("qloader", "transformers")
+LOADERS = ("qloader", "transformers", "qloader-nofp")
+"""qloader-nofp: qloader with validate.fingerprint=false, to show what the fingerprint itself costs."""
 
 
 def bnb_config(name: str | None):
@@ -54,37 +56,47 @@ def bnb_config(name: str | None):
 
 
 def child(loader: str, mode: str, checkpoint: str, run_dir: str) -> dict:
-    """Import, then load once under `measure_stage`; print what was measured as one JSON line."""
-    import torch  # noqa: F401  (both loaders pay for it; part of the import baseline)
-    import transformers  # noqa: F401
+    """Import, then load once between two samplers of its own; print what was measured as one JSON line.
 
-    from qloader.measure import _read_status, measure_stage
+    Both sides import the same libraries first (torch, transformers' modeling code, bitsandbytes), so
+    the timed region is the load itself; the import cost and footprint are reported as the baseline.
+    """
+    start = time.perf_counter()
+    import bitsandbytes  # noqa: F401
+    import torch
+    from transformers import AutoModelForCausalLM, modeling_utils  # noqa: F401
 
-    if loader == "qloader":
+    from qloader.measure import PeakSampler, _read_status
+
+    if loader.startswith("qloader"):
         import qloader
+        from qloader import hf_loading, pipeline  # noqa: F401  (what `qloader.load` imports on first use)
 
         overrides = ["model=local", f"model.path={checkpoint}", "summary=false", *MODES[mode][0]]
+        overrides += ["validate.fingerprint=false"] if loader == "qloader-nofp" else []
         load = lambda: qloader.load(overrides, run_dir=run_dir)  # noqa: E731
     else:
-        from transformers import AutoModelForCausalLM
-
         extra = {"quantization_config": bnb_config(MODES[mode][1])} if MODES[mode][1] else {}
         load = lambda: AutoModelForCausalLM.from_pretrained(  # noqa: E731
             checkpoint, device_map="auto", dtype=torch.bfloat16, **extra
         )
+    import_s = time.perf_counter() - start
     baseline = _read_status("VmRSS", "RssAnon")
-    with measure_stage("load") as stats:
-        result = load()
+    rss, anon = PeakSampler("VmRSS"), PeakSampler("RssAnon")  # not the pipeline's: it resets its own per stage
+    rss.peak(), anon.peak()
+    start = time.perf_counter()
+    result = load()
+    wall_s = time.perf_counter() - start
+    stats = {"wall_s": round(wall_s, 4), "rss_peak_bytes": rss.peak(), "anon_peak_bytes": anon.peak()}
     row = {
         "loader": loader,
         "mode": mode,
-        "wall_s": stats.wall_s,
-        "rss_peak_bytes": stats.rss_peak_bytes,
-        "anon_peak_bytes": stats.anon_peak_bytes,
+        **stats,
+        "import_s": round(import_s, 4),
         "import_rss_bytes": baseline["VmRSS"],
         "import_anon_bytes": baseline["RssAnon"],
     }
-    if loader == "qloader":
+    if loader.startswith("qloader"):
         manifest = result.manifest
         load_stage = next(s for s in manifest["stages"] if s["name"] == "load")
         row.update(
@@ -117,13 +129,17 @@ def mib(n: float) -> str:
 
 def summarize(rows: list[dict], mode: str) -> dict:
     by = {loader: [r for r in rows if r["loader"] == loader] for loader in LOADERS}
-    q, t = by["qloader"], by["transformers"]
-    out: dict = {"mode": mode, "pairs": len(q)}
-    for key in ("wall_s", "rss_peak_bytes", "anon_peak_bytes", "import_rss_bytes", "import_anon_bytes"):
+    out: dict = {"mode": mode, "pairs": len(by["transformers"])}
+    for key in ("wall_s", "rss_peak_bytes", "anon_peak_bytes", "import_s", "import_rss_bytes", "import_anon_bytes"):
         out[key] = {loader: statistics.median(r[key] for r in by[loader]) for loader in LOADERS}
-    for key in ("wall_s", "rss_peak_bytes", "anon_peak_bytes"):
-        ratios = [a[key] / b[key] for a, b in zip(q, t, strict=True)]
-        out[f"{key}_ratio"] = {"median": statistics.median(ratios), "per_pair": [round(r, 3) for r in ratios]}
+    for variant in ("qloader", "qloader-nofp"):
+        for key in ("wall_s", "rss_peak_bytes", "anon_peak_bytes"):
+            ratios = [a[key] / b[key] for a, b in zip(by[variant], by["transformers"], strict=True)]
+            out[f"{variant}/{key}_ratio"] = {
+                "median": statistics.median(ratios),
+                "per_pair": [round(r, 3) for r in ratios],
+            }
+    q = by["qloader"]
     budget = statistics.median(r["footprint_bytes"] + r["largest_shard_bytes"] for r in q)
     growth = statistics.median(r["load_stage_anon_peak_bytes"] - r["import_anon_bytes"] for r in q)
     out["load_stage"] = {"anon_growth_bytes": growth, "footprint_plus_largest_shard_bytes": budget}
@@ -131,29 +147,36 @@ def summarize(rows: list[dict], mode: str) -> dict:
     return out
 
 
+def _ratio(summary: dict, side: str, key: str) -> str:
+    """The median per-round ratio side / transformers."""
+    return "1" if side == "transformers" else f"{summary[f'{side}/{key}_ratio']['median']:.3f}"
+
+
 def markdown(summaries: list[dict], machine: dict) -> str:
     lines = [
         f"Machine: {machine['cpu_model']}, {machine['cpu_cores']} cores, {mib(machine['ram_bytes'])} RAM, "
         f"GPUs: {machine['gpus'] or 'none'}. Medians of {summaries[0]['pairs']} alternating pairs, fresh processes.",
         "",
-        "| mode | qloader s | transformers s | time ratio | peak RSS q / t | RSS ratio "
-        "| peak anon q / t | anon ratio | load-stage anon growth / budget |",
+        "| mode | side | load s | time ratio | peak RSS | RSS ratio | peak anon | anon ratio "
+        "| load-stage anon growth / footprint + largest shard |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         w, r, a, ls = s["wall_s"], s["rss_peak_bytes"], s["anon_peak_bytes"], s["load_stage"]
-        lines.append(
-            f"| {s['mode']} | {w['qloader']:.2f} | {w['transformers']:.2f} | {s['wall_s_ratio']['median']:.3f} "
-            f"| {mib(r['qloader'])} / {mib(r['transformers'])} | {s['rss_peak_bytes_ratio']['median']:.3f} "
-            f"| {mib(a['qloader'])} / {mib(a['transformers'])} | {s['anon_peak_bytes_ratio']['median']:.3f} "
-            f"| {mib(ls['anon_growth_bytes'])} / {mib(ls['footprint_plus_largest_shard_bytes'])} |"
-        )
-    lines += ["", "Import-only baseline (RSS / anon, before the load call):", ""]
+        for side in LOADERS:
+            budget = f"{mib(ls['anon_growth_bytes'])} / {mib(ls['footprint_plus_largest_shard_bytes'])}"
+            lines.append(
+                f"| {s['mode']} | {side} | {w[side]:.2f} | {_ratio(s, side, 'wall_s')} "
+                f"| {mib(r[side])} | {_ratio(s, side, 'rss_peak_bytes')} "
+                f"| {mib(a[side])} | {_ratio(s, side, 'anon_peak_bytes')} "
+                f"| {budget if side == 'qloader' else ''} |"
+            )
+    lines += ["", "Import-only baseline (time, RSS / anon after the imports, before the load call):", ""]
     for s in summaries:
-        i, a = s["import_rss_bytes"], s["import_anon_bytes"]
+        t, i, a = s["import_s"], s["import_rss_bytes"], s["import_anon_bytes"]
         lines.append(
-            f"- {s['mode']}: qloader {mib(i['qloader'])} / {mib(a['qloader'])}, "
-            f"transformers {mib(i['transformers'])} / {mib(a['transformers'])}"
+            f"- {s['mode']}: "
+            + "; ".join(f"{side} {t[side]:.2f} s, {mib(i[side])} / {mib(a[side])}" for side in LOADERS)
         )
     lines += ["", "qloader stage medians (s):", ""]
     for s in summaries:

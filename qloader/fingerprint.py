@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
 
+def _entry(name: str, tensor: torch.Tensor) -> str:
+    tensor = tensor.detach().to("cpu").contiguous()
+    data = memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else b""
+    return f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|{hashlib.sha256(data).hexdigest()}\n"
+
+
 def weights_fingerprint(model: nn.Module, offloaded: Mapping[str, torch.Tensor] | None = None) -> str:
-    """sha256 over every state_dict entry, sorted by name: name, dtype, shape, then the raw bytes.
+    """sha256 over one line per state_dict entry, sorted by name: name, dtype, shape, sha256 of the bytes.
 
     `state_dict()` is the canonical serialized form: parameters and buffers, and for bitsandbytes
     layers the packed weights with every quant-state tensor (absmax, quant_map, nested statistics,
     int8 SCB) and the quant-state fields, which bitsandbytes packs into a tensor of their own.
     Weights offloaded to disk (on the meta device in the model) are read from `offloaded`.
+    Entries are hashed on every core at once: hashlib releases the GIL while it hashes.
     """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if tensor.device.type == "meta" and offloaded is not None:
-            tensor = offloaded[name]
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(memoryview(tensor.view(torch.uint8).numpy() if tensor.numel() else b""))
-    return digest.hexdigest()
+    entries = sorted(model.state_dict().items())
+    if offloaded is not None:
+        entries = [(n, offloaded[n] if t.device.type == "meta" else t) for n, t in entries]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=cores) as pool:
+        lines = pool.map(lambda entry: _entry(*entry), entries)
+        return hashlib.sha256("".join(lines).encode()).hexdigest()

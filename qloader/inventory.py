@@ -24,8 +24,9 @@ class Inventory:
     """Linear layers left unquantized (lm_head, tied or skip-listed modules)."""
     missing_keys: list[str]
     unexpected_keys: list[str]
-    weights_fingerprint: str
-    """sha256 over the canonical state (see qloader.fingerprint), taken before any forward pass."""
+    weights_fingerprint: str | None
+    """sha256 over the canonical state (see qloader.fingerprint), taken before any forward pass;
+    None with validate.fingerprint=false."""
 
     @property
     def quantized_count(self) -> int:
@@ -58,7 +59,7 @@ def footprint_bytes(model: nn.Module) -> int:
     return total
 
 
-def take_inventory(model: nn.Module, loading_info, offloaded=None) -> Inventory:
+def take_inventory(model: nn.Module, loading_info, offloaded=None, fingerprint: bool = True) -> Inventory:
     from qloader.fingerprint import weights_fingerprint
 
     classes = Counter(type(m).__name__ for m in model.modules() if type(m).__name__ in QUANTIZED_CLASSES)
@@ -71,5 +72,5 @@ def take_inventory(model: nn.Module, loading_info, offloaded=None) -> Inventory:
         skipped_modules=skipped,
         missing_keys=sorted(loading_info.missing_keys),
         unexpected_keys=sorted(loading_info.unexpected_keys),
-        weights_fingerprint=weights_fingerprint(model, offloaded),
+        weights_fingerprint=weights_fingerprint(model, offloaded) if fingerprint else None,
     )

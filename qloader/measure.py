@@ -62,12 +62,12 @@ def memory_method() -> dict[str, str | None]:
 # Each line on stdin asks for the peak since the previous line, answered on stdout.
 _SAMPLER = r"""
 import select, sys
-path, interval = f"/proc/{sys.argv[1]}/status", float(sys.argv[2])
+path, interval, field = f"/proc/{sys.argv[1]}/status", float(sys.argv[2]), sys.argv[3] + ":"
 def anon():
     try:
         with open(path) as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
@@ -86,14 +86,17 @@ while True:
 """
 
 
-class _AnonSampler:
-    """A helper process that tracks this process's peak RssAnon between two `peak()` calls."""
+class PeakSampler:
+    """A helper process that tracks this process's peak `field` (RssAnon, VmRSS) between two `peak()` calls.
 
-    _instance: _AnonSampler | None = None
+    Stages share one (`shared()`); an independent instance measures across stages without disturbing them.
+    """
 
-    def __init__(self) -> None:
+    _instance: PeakSampler | None = None
+
+    def __init__(self, field: str = "RssAnon") -> None:
         self._proc = subprocess.Popen(
-            [sys.executable, "-S", "-E", "-c", _SAMPLER, str(os.getpid()), str(SAMPLE_INTERVAL_S)],
+            [sys.executable, "-S", "-E", "-c", _SAMPLER, str(os.getpid()), str(SAMPLE_INTERVAL_S), field],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -101,7 +104,7 @@ class _AnonSampler:
         atexit.register(self._proc.kill)
 
     @classmethod
-    def shared(cls) -> _AnonSampler | None:
+    def shared(cls) -> PeakSampler | None:
         if _read_status("RssAnon")["RssAnon"] is None:
             return None
         if cls._instance is None or cls._instance._proc.poll() is not None:
@@ -109,7 +112,7 @@ class _AnonSampler:
         return cls._instance
 
     def peak(self) -> int | None:
-        """The highest RssAnon since the last call (the first call starts the window)."""
+        """The highest value since the last call (the first call starts the window)."""
         try:
             self._proc.stdin.write("\n")
             self._proc.stdin.flush()
@@ -167,7 +170,7 @@ def measure_stage(name: str) -> Iterator[StageStats]:
     start = _read_status("VmRSS", "RssAnon")
     stats.rss_start_bytes, stats.anon_start_bytes = start["VmRSS"], start["RssAnon"]
     _cuda_reset()
-    sampler = _AnonSampler.shared()
+    sampler = PeakSampler.shared()
     if sampler is not None:
         sampler.peak()  # opens this stage's window
     t0 = time.perf_counter()

@@ -22,6 +22,19 @@ from qloader.checkpoint import default_hash_cache
 from qloader.errors import CheckpointError, QloaderError
 
 
+def _settings_added_since() -> dict:
+    """Settings newer than some manifests, at their schema defaults: a replay of an older run takes them."""
+    from dataclasses import asdict
+
+    from qloader.schema import DeviceMapConfig, ModelConfig, ValidateConfig
+
+    return {
+        "validate": asdict(ValidateConfig()),
+        "model": {"allow_pickle": ModelConfig.allow_pickle, "trust_remote_code": ModelConfig.trust_remote_code},
+        "device_map": {"offload_folder": DeviceMapConfig.offload_folder},
+    }
+
+
 @dataclass(frozen=True)
 class Comparison:
     item: str
@@ -94,13 +107,14 @@ def replay(manifest_path: Path, run_dir: Path | None, check_only: bool) -> tuple
         rows = compare_inputs(recorded, _current_files(recorded))
         return rows + compare_environment(recorded, environment.versions(), environment.hardware()), None
     run_dir = run_dir or Path("outputs") / "replay" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
-    cfg = OmegaConf.create(recorded["config"])
+    cfg = OmegaConf.merge(_settings_added_since(), recorded["config"])
     result = pipeline.run(cfg, run_dir, recorded["overrides"], replay_of=str(manifest_path.resolve()))
     now = result.manifest
     rows = [Comparison("config_hash", recorded["config_hash"], now["config_hash"], True)]
     rows += compare_inputs(recorded, now["checkpoint"]["files"])
     rows += compare_environment(recorded, now["versions"], now["hardware"])
-    rows.append(Comparison("weights_fingerprint", recorded["weights_fingerprint"], now["weights_fingerprint"], True))
+    fingerprint = recorded["weights_fingerprint"]  # None: the run was made with validate.fingerprint=false
+    rows.append(Comparison("weights_fingerprint", fingerprint, now["weights_fingerprint"], fingerprint is not None))
     return rows, now
 
 

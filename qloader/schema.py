@@ -149,6 +149,9 @@ class ValidateConfig:
     finite: Any = "auto"
     """Check every loaded weight for NaN and Inf: true | false | auto (models up to finite_max_parameters)."""
     finite_max_parameters: int = 1_000_000_000
+    fingerprint: bool = True
+    """sha256 over every loaded weight, for the manifest and replays; it reads every byte (about 1 s per
+    3 GB on 2 cores), which a plain unquantized load never does. Off: `weights_fingerprint` is null."""
 
 
 # ---------------------------------------------------------------- the whole run

@@ -202,8 +202,8 @@ def device_map(ctx: LoadContext) -> LoadContext:
     if isinstance(request, dict):
         _check_disk(request, offload_folder, f"device_map.modules {request}")
         return ctx.next(device_map_request=request, device_map=request)
-    # Sizing needs the quantized skeleton (4-bit modules weigh half a byte per weight): build a
-    # throwaway one on the meta device; `preprocess` builds the real one.
+    # Sizing needs the quantized skeleton (4-bit modules weigh half a byte per weight): build it on
+    # the meta device here; `preprocess` goes on with it.
     model_cls = hf_loading.causal_lm_class(ctx.hf_config, ctx.cfg.model.trust_remote_code)
     sizing = hf_loading.build_skeleton(model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.checkpoint)
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
@@ -216,7 +216,7 @@ def device_map(ctx: LoadContext) -> LoadContext:
             ctx.quantizer.validate_environment(device_map=final)
         except ValueError as e:
             raise DeviceMapError(f"device_map '{request}' -> {final}: {e}") from e
-    return ctx.next(device_map_request=request, device_map=final)
+    return ctx.next(device_map_request=request, device_map=final, model=sizing)
 
 
 def _check_disk(device_map: dict, offload_folder: Path | None, what: str) -> None:
@@ -247,10 +247,12 @@ def preprocess(ctx: LoadContext) -> LoadContext:
     from qloader import hf_loading
     from qloader.plan import estimate
 
-    model_cls = hf_loading.causal_lm_class(ctx.hf_config, ctx.cfg.model.trust_remote_code)
-    model = hf_loading.build_skeleton(
-        model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, ctx.device_map_request, ctx.checkpoint
-    )
+    model = ctx.model  # `device_map` built it to size the model, from the same arguments
+    if model is None:
+        model_cls = hf_loading.causal_lm_class(ctx.hf_config, ctx.cfg.model.trust_remote_code)
+        model = hf_loading.build_skeleton(
+            model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, ctx.device_map_request, ctx.checkpoint
+        )
     offload_folder = devices.offload_folder(ctx.cfg.device_map, ctx.checkpoint.path)
     load_config = hf_loading.load_state_config(
         model, ctx.checkpoint, ctx.device_map, ctx.dtype, ctx.quantizer, offload_folder
@@ -306,7 +308,8 @@ def postprocess(ctx: LoadContext) -> LoadContext:
         )
     offloaded = hf_loading.offloaded_weights(ctx.load_config, ctx.offload_index)
     finite_check = _check_finite(ctx.model, ctx.cfg.validate, ctx.checkpoint, offloaded)
-    return ctx.next(finite_check=finite_check, inventory=take_inventory(ctx.model, info, offloaded))
+    inventory = take_inventory(ctx.model, info, offloaded, fingerprint=ctx.cfg.validate.fingerprint)
+    return ctx.next(finite_check=finite_check, inventory=inventory)
 
 
 def _check_finite(model, validate_cfg: DictConfig, checkpoint: Checkpoint, offloaded) -> str:

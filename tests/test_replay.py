@@ -161,3 +161,22 @@ def test_pinned_hash_mismatch_fails_in_validate(tiny_checkpoint, tmp_path) -> No
     assert manifest["error"]["stage"] == "validate" and "load" not in [s["name"] for s in manifest["stages"]]
     good = f"++model.expected_sha256={{config.json:{real['config.json']}}}"
     assert run_cli("model=tiny-llama", good, run_dir=tmp_path / "good").returncode == 0
+
+
+def test_fingerprint_can_be_turned_off(tmp_path) -> None:
+    manifest = qloader.load(["model=tiny-llama", "quant=none", "validate.fingerprint=false"], run_dir=tmp_path).manifest
+    assert manifest["status"] == "succeeded" and manifest["weights_fingerprint"] is None
+
+
+def test_replay_of_a_run_recorded_before_newer_settings(tmp_path) -> None:
+    """A manifest whose config predates `validate`, `model.allow_pickle`, ...: replayed with their defaults."""
+    assert run_cli("model=tiny-llama", "quant=bnb-nf4", run_dir=tmp_path / "orig").returncode == 0
+    manifest = read_manifest(tmp_path / "orig")
+    config = manifest["config"]
+    del config["validate"], config["model"]["allow_pickle"], config["model"]["trust_remote_code"]
+    del config["device_map"]["offload_folder"]
+    (tmp_path / "orig" / "manifest.json").write_text(json.dumps(manifest))
+    result = replay_cli(tmp_path / "orig" / "manifest.json", "--run-dir", tmp_path / "replay")
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    assert lines["weights_fingerprint"].endswith("equal"), result.stdout + result.stderr
+    assert read_manifest(tmp_path / "replay")["config"]["validate"]["finite"] == "auto"
