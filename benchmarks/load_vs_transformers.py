@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,8 +33,17 @@ MODES = {
     "nf4-dq": (["quant=bnb-nf4", "quant.bnb_4bit_use_double_quant=true"], "nf4-dq"),
     "int8": (["quant=bnb-int8"], "int8"),
 }
-LOADERS = ("qloader", "transformers", "qloader-nofp")
-"""qloader-nofp: qloader with validate.fingerprint=false, to show what the fingerprint itself costs."""
+# Each side: None for plain transformers, else qloader's extra overrides.
+SIDES = {
+    "qloader": [],
+    "transformers": None,
+    "qloader-nofp": ["validate.fingerprint=false"],  # what the fingerprint itself costs
+    "qloader-fused": ["quant.kernel=fused"],  # 4-bit modes only: the fused CPU quantization kernel
+}
+
+
+def sides_for(mode: str) -> list[str]:
+    return [side for side in SIDES if side != "qloader-fused" or mode in ("nf4-dq",)]
 
 
 def bnb_config(name: str | None):
@@ -73,7 +83,7 @@ def child(loader: str, mode: str, checkpoint: str, run_dir: str) -> dict:
         from qloader import hf_loading, pipeline  # noqa: F401  (what `qloader.load` imports on first use)
 
         overrides = ["model=local", f"model.path={checkpoint}", "summary=false", *MODES[mode][0]]
-        overrides += ["validate.fingerprint=false"] if loader == "qloader-nofp" else []
+        overrides += SIDES[loader]
         load = lambda: qloader.load(overrides, run_dir=run_dir)  # noqa: E731
     else:
         extra = {"quantization_config": bnb_config(MODES[mode][1])} if MODES[mode][1] else {}
@@ -98,6 +108,7 @@ def child(loader: str, mode: str, checkpoint: str, run_dir: str) -> dict:
     }
     if loader.startswith("qloader"):
         manifest = result.manifest
+        row["kernel"] = manifest["quantization"]["kernel"]
         load_stage = next(s for s in manifest["stages"] if s["name"] == "load")
         row.update(
             footprint_bytes=manifest["model"]["footprint_bytes"],
@@ -111,12 +122,13 @@ def child(loader: str, mode: str, checkpoint: str, run_dir: str) -> dict:
 # ---------------------------------------------------------------- the side-by-side runs
 
 
-def run_child(loader: str, mode: str, checkpoint: Path, run_dir: Path) -> dict:
+def run_child(loader: str, mode: str, checkpoint: Path, run_dir: Path, env: dict | None = None) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", loader, mode, str(checkpoint), str(run_dir)],
         capture_output=True,
         text=True,
         check=False,
+        env={**os.environ, **(env or {})},
     )
     if out.returncode != 0:
         raise SystemExit(f"{loader} {mode} failed:\n{out.stderr[-3000:]}")
@@ -128,11 +140,12 @@ def mib(n: float) -> str:
 
 
 def summarize(rows: list[dict], mode: str) -> dict:
-    by = {loader: [r for r in rows if r["loader"] == loader] for loader in LOADERS}
+    sides = sides_for(mode)
+    by = {loader: [r for r in rows if r["loader"] == loader] for loader in sides}
     out: dict = {"mode": mode, "pairs": len(by["transformers"])}
     for key in ("wall_s", "rss_peak_bytes", "anon_peak_bytes", "import_s", "import_rss_bytes", "import_anon_bytes"):
-        out[key] = {loader: statistics.median(r[key] for r in by[loader]) for loader in LOADERS}
-    for variant in ("qloader", "qloader-nofp"):
+        out[key] = {loader: statistics.median(r[key] for r in by[loader]) for loader in sides}
+    for variant in [side for side in sides if side != "transformers"]:
         for key in ("wall_s", "rss_peak_bytes", "anon_peak_bytes"):
             ratios = [a[key] / b[key] for a, b in zip(by[variant], by["transformers"], strict=True)]
             out[f"{variant}/{key}_ratio"] = {
@@ -163,7 +176,7 @@ def markdown(summaries: list[dict], machine: dict) -> str:
     ]
     for s in summaries:
         w, r, a, ls = s["wall_s"], s["rss_peak_bytes"], s["anon_peak_bytes"], s["load_stage"]
-        for side in LOADERS:
+        for side in sides_for(s["mode"]):
             budget = f"{mib(ls['anon_growth_bytes'])} / {mib(ls['footprint_plus_largest_shard_bytes'])}"
             lines.append(
                 f"| {s['mode']} | {side} | {w[side]:.2f} | {_ratio(s, side, 'wall_s')} "
@@ -176,8 +189,15 @@ def markdown(summaries: list[dict], machine: dict) -> str:
         t, i, a = s["import_s"], s["import_rss_bytes"], s["import_anon_bytes"]
         lines.append(
             f"- {s['mode']}: "
-            + "; ".join(f"{side} {t[side]:.2f} s, {mib(i[side])} / {mib(a[side])}" for side in LOADERS)
+            + "; ".join(f"{side} {t[side]:.2f} s, {mib(i[side])} / {mib(a[side])}" for side in sides_for(s["mode"]))
         )
+    for s in summaries:
+        if "fused_first_call_s" in s:
+            first = s["fused_first_call_s"]
+            lines.append(
+                f"\nquant.kernel=fused ({s['mode']}): the first call compiles, {first['cold_cache']:.1f} s with an "
+                f"empty inductor cache; with the cache warm it takes {statistics.median(first['warm_cache']):.2f} s."
+            )
     lines += ["", "qloader stage medians (s):", ""]
     for s in summaries:
         lines.append(f"- {s['mode']}: " + ", ".join(f"{k} {v:.3f}" for k, v in s["qloader_stages_s"].items()))
@@ -202,19 +222,25 @@ def main() -> None:
 
     checkpoint = checkpoint_folder(compose(MODEL).model)  # generated on first use
     modes = args.modes.split(",")
-    summaries, raw = [], []
+    summaries, raw, cold_compile = [], [], {}
     with tempfile.TemporaryDirectory(prefix="qloader-bench-") as tmp:
         for mode in modes:
-            for loader in LOADERS:  # warm-up: page cache, qloader's hash cache
-                run_child(loader, mode, checkpoint, Path(tmp) / f"warm-{mode}-{loader}")
+            for loader in sides_for(mode):  # warm-up: page cache, qloader's hash cache, the kernel's compile
+                env = {"TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}  # cold: the compile is measured
+                row = run_child(loader, mode, checkpoint, Path(tmp) / f"warm-{mode}-{loader}", env)
+                if loader == "qloader-fused":
+                    cold_compile[mode] = row["kernel"]["first_call_s"]
             rows = []
             for pair in range(args.pairs):
-                for loader in LOADERS:
+                for loader in sides_for(mode):
                     row = run_child(loader, mode, checkpoint, Path(tmp) / f"{mode}-{pair}-{loader}")
                     print(f"{mode} pair {pair} {loader}: {row['wall_s']:.2f} s, anon {mib(row['anon_peak_bytes'])}")
                     rows.append(row)
             raw += rows
             summaries.append(summarize(rows, mode))
+            if mode in cold_compile:
+                fused = [r["kernel"]["first_call_s"] for r in rows if r["loader"] == "qloader-fused"]
+                summaries[-1]["fused_first_call_s"] = {"cold_cache": cold_compile[mode], "warm_cache": fused}
     machine = hardware()
     RESULTS.mkdir(exist_ok=True)
     report = {

@@ -98,6 +98,7 @@ def _quantization_section(ctx) -> dict | None:
         "config": None if qconfig is None else {key: _plain(value) for key, value in qconfig.to_dict().items()},
         "quantizer": None if ctx.quantizer is None else type(ctx.quantizer).__name__,
         "pre_quantized": ctx.pre_quantized,
+        "kernel": None if ctx.kernel is None else ctx.kernel.as_dict(),
         "merge": [row.__dict__ for row in ctx.merge],
     }
 

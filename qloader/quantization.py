@@ -14,13 +14,19 @@ from qloader.errors import CheckpointError, QuantizationMismatchError
 QUANT_TYPES = ("nf4", "fp4")
 TORCH_DTYPES = ("bfloat16", "float16", "float32", "float64")
 STORAGE_DTYPES = ("uint8", "int8", "bfloat16", "float16", "float32")
+QUANT_SETTINGS = ("kernel",)
+"""`quant` fields that are qloader settings, not fields of the quantization-config class."""
 
 
 def check_quant_fields(quant: DictConfig) -> list[str]:
     """Every problem in the `quant` group, each naming the field and the value."""
-    if quant.get("_target_") != "transformers.BitsAndBytesConfig":
-        return []
+    from qloader.kernels import KERNELS
+
     problems = []
+    if quant.kernel not in KERNELS:
+        problems.append(f"quant.kernel '{quant.kernel}' is not one of {', '.join(KERNELS)}")
+    if quant.get("_target_") != "transformers.BitsAndBytesConfig":
+        return problems
     if quant.load_in_4bit and quant.load_in_8bit:
         problems.append(
             "quant.load_in_4bit and quant.load_in_8bit are both true; choose one (quant=bnb-nf4 or quant=bnb-int8)"
@@ -49,8 +55,10 @@ def build_quantization_config(quant: DictConfig):
     if quant.get("_target_") is None:
         return None
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
-    return instantiate(quant, _convert_="all")
+    fields = OmegaConf.masked_copy(quant, [key for key in quant if key not in QUANT_SETTINGS])
+    return instantiate(fields, _convert_="all")
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,8 @@ FORMAT_FIELDS = (
 
 def quant_overridden(overrides: list[str]) -> bool:
     """Did the user ask for a quant setting (`quant=...`, `quant.x=...`), rather than take the default?"""
-    return any(re.match(r"^[+~]*quant([.=@]|$)", override) for override in overrides)
+    settings = rf"^[+~]*quant\.({'|'.join(QUANT_SETTINGS)})="
+    return any(re.match(r"^[+~]*quant([.=@]|$)", o) and not re.match(settings, o) for o in overrides)
 
 
 def check_saved_config(saved: dict, config_json: Path) -> None:

@@ -75,6 +75,10 @@ class HubModelConfig(ModelConfig):
 class QuantConfig:
     _target_: str | None = None
     """The transformers quantization-config class to build; null loads unquantized."""
+    kernel: str = "bnb"
+    """CPU 4-bit quantization while loading: bnb (bitsandbytes' own kernel) or fused (the same math
+    compiled into one loop by torch.compile; byte-identical output, several times faster, compiled
+    once per machine into the qloader cache). A qloader setting, not passed to the config class."""
 
 
 @dataclass
@@ -84,7 +88,7 @@ class NoQuantConfig(QuantConfig):
 
 @dataclass
 class BnbQuantConfig(QuantConfig):
-    """Every field is a `transformers.BitsAndBytesConfig` field, under the same name."""
+    """Every field but `kernel` is a `transformers.BitsAndBytesConfig` field, under the same name."""
 
     _target_: str | None = "transformers.BitsAndBytesConfig"
     load_in_4bit: bool = False

@@ -25,6 +25,7 @@ from qloader.errors import (
     LoadError,
     NonFiniteWeightError,
 )
+from qloader.kernels import KernelReport, quantize_4bit_kernel
 from qloader.sources import checkpoint_folder
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ class LoadContext:
     load_config: Any = None
     plan: Plan | None = None
     # load
+    kernel: KernelReport | None = None
     loading_info: Any = None
     offload_index: dict | None = None
     # postprocess
@@ -284,10 +286,11 @@ def load(ctx: LoadContext) -> LoadContext:
             bar.update(tensors)
 
         try:
-            info, offload_index = hf_loading.load_shards(ctx.model, ctx.checkpoint, ctx.load_config, on_batch)
+            with quantize_4bit_kernel(ctx.cfg.quant.kernel) as kernel:
+                info, offload_index = hf_loading.load_shards(ctx.model, ctx.checkpoint, ctx.load_config, on_batch)
         except (OSError, RuntimeError, ValueError) as e:
             raise LoadError(f"{ctx.checkpoint.path}: {type(e).__name__}: {e}") from e
-    return ctx.next(loading_info=info, offload_index=offload_index)
+    return ctx.next(kernel=kernel, loading_info=info, offload_index=offload_index)
 
 
 def postprocess(ctx: LoadContext) -> LoadContext:

@@ -32,6 +32,12 @@ CASES = {
         "resolve",
         "quant.bnb_4bit_compute_dtype 'float17'",
     ),
+    "unknown_kernel": (
+        ["quant.kernel=triton"],
+        "ConfigError",
+        "resolve",
+        "quant.kernel 'triton' is not one of bnb, fused",
+    ),
     "cuda_on_cpu_host": (
         ["device_map=cuda"],
         "EnvironmentMismatchError",
