@@ -210,8 +210,7 @@ def device_map(ctx: LoadContext) -> LoadContext:
     sizing = hf_loading.build_skeleton(model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.checkpoint)
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
     final = hf_loading.infer_device_map(sizing, request, max_memory, ctx.quantizer)
-    on_disk = sorted(module for module, device in final.items() if device == "disk")
-    if on_disk and offload_folder is None:
+    if (on_disk := _on_disk(final)) and offload_folder is None:
         raise DeviceMapError(_does_not_fit(sizing, request, max_memory, on_disk))
     if ctx.quantizer is not None:
         try:
@@ -221,9 +220,12 @@ def device_map(ctx: LoadContext) -> LoadContext:
     return ctx.next(device_map_request=request, device_map=final, model=sizing)
 
 
+def _on_disk(device_map: dict) -> list[str]:
+    return sorted(module for module, device in device_map.items() if device == "disk")
+
+
 def _check_disk(device_map: dict, offload_folder: Path | None, what: str) -> None:
-    on_disk = sorted(module for module, device in device_map.items() if device == "disk")
-    if on_disk and offload_folder is None:
+    if (on_disk := _on_disk(device_map)) and offload_folder is None:
         raise DeviceMapError(
             f"{what} places {integrity.listing(on_disk)} on disk; set device_map.offload_folder to allow it"
         )
