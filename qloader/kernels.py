@@ -12,6 +12,7 @@ multiple of the block size, storage other than uint8, NaN or Inf) go to bitsandb
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field
 import torch
 
 KERNELS = ("bnb", "fused")
-OP = "bitsandbytes::quantize_4bit"
 
 
 @dataclass
@@ -59,20 +59,18 @@ def _quantize_blocks(blocks: torch.Tensor, midpoints: tuple[float, ...], order: 
     return packed, absmax
 
 
-_compiled: dict[str, object] = {}
+@functools.cache
+def _compiled_kernel():
+    return torch.compile(_quantize_blocks, dynamic=True, fullgraph=True)
 
 
-def _fused(quant_type: str, device: torch.device):
-    """The compiled kernel for `quant_type`, its midpoints baked in as constants (fp32 values, exact)."""
+def _fused(A: torch.Tensor, blocksize: int, quant_type: str):
+    """The compiled kernel, with bitsandbytes' own midpoints (exact fp32 values) baked in as constants."""
     from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
 
-    midpoints, order = _get_4bit_quantize_bounds(quant_type, device)
-    order = None if quant_type == "nf4" else order
-    if quant_type not in _compiled:
-        constants = tuple(float(m) for m in midpoints)
-        compiled = torch.compile(_quantize_blocks, dynamic=True, fullgraph=True)
-        _compiled[quant_type] = lambda blocks, order: compiled(blocks, constants, order)
-    return lambda blocks: _compiled[quant_type](blocks, order)
+    midpoints, order = _get_4bit_quantize_bounds(quant_type, A.device)
+    constants = tuple(float(m) for m in midpoints)
+    return _compiled_kernel()(A.reshape(-1, blocksize), constants, None if quant_type == "nf4" else order)
 
 
 def _bnb_kernel(A: torch.Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype):
@@ -101,7 +99,7 @@ def quantize_4bit_kernel(kernel: str) -> Iterator[KernelReport]:
         try:
             # one graph per input dtype and quant type; sizes are dynamic
             with torch._dynamo.config.patch(recompile_limit=64):
-                packed, absmax = _fused(quant_type, A.device)(A.reshape(-1, blocksize))
+                packed, absmax = _fused(A, blocksize, quant_type)
         except Exception as e:  # no C++ compiler, an unsupported platform: bitsandbytes' kernel, noted
             report.fallback_calls += 1
             if len(report.notes) < 3:
