@@ -16,6 +16,8 @@ from pathlib import Path
 LFS_POINTER_PREFIX = b"version https://git-lfs"
 SAFETENSORS_HEADER_LIMIT = 100_000_000
 """safetensors' own limit on the JSON header (bytes); larger ones are refused unread."""
+FINITE_CHUNK = 1 << 20
+"""Elements checked for NaN / Inf at a time."""
 LISTED = 8
 """How many keys or modules an error lists before it says 'and N more'."""
 
@@ -201,13 +203,16 @@ def nonfinite_weights(model, offloaded=None) -> list[str]:
 
     from qloader.inventory import quant_state_tensors
 
+    def finite(t: torch.Tensor) -> bool:  # in chunks: isfinite's temporaries stay small
+        return all(bool(torch.isfinite(chunk).all()) for chunk in t.reshape(-1).split(FINITE_CHUNK))
+
     bad = []
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.device.type == "meta" and offloaded is not None:
             tensor = offloaded[name]
         checked = [t for t in (tensor, *quant_state_tensors(tensor)) if t.is_floating_point()]
         for t in checked:
-            if not bool(torch.isfinite(t).all()):
+            if not finite(t):
                 kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
                 bad.append(f"{name} ({kind})")
                 break
