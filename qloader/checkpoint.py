@@ -85,8 +85,8 @@ def _read_index(index_path: Path) -> dict:
     return index
 
 
-def _find_shards(folder: Path, allow_pickle: bool) -> tuple[list[Path], dict | None, str]:
-    """The weight files, the index's metadata and the format: safetensors, else pickle if allowed."""
+def _find_shards(folder: Path, allow_pickle: bool) -> tuple[list[Path], Path | None, dict | None, str]:
+    """The weight files, the index (path and metadata) and the format: safetensors, else pickle if allowed."""
     for index_name, single_name, fmt in (
         (INDEX_NAME, SINGLE_NAME, "safetensors"),
         (PICKLE_INDEX_NAME, PICKLE_SINGLE_NAME, "pickle"),
@@ -102,7 +102,7 @@ def _find_shards(folder: Path, allow_pickle: bool) -> tuple[list[Path], dict | N
                 "torch.load(weights_only=True)"
             )
         if not index_path.is_file():
-            return [folder / single_name], None, fmt
+            return [folder / single_name], None, None, fmt
         index = _read_index(index_path)
         weight_map: dict[str, str] = index["weight_map"]
         names = sorted(set(weight_map.values()))
@@ -114,7 +114,7 @@ def _find_shards(folder: Path, allow_pickle: bool) -> tuple[list[Path], dict | N
             "all_checkpoint_keys": list(weight_map),
             "weight_map": weight_map,
         }
-        return [folder / n for n in names], metadata, fmt
+        return [folder / n for n in names], index_path, metadata, fmt
     raise CheckpointError(f"checkpoint '{folder}' has no safetensors weights (expected {SINGLE_NAME} or {INDEX_NAME})")
 
 
@@ -163,11 +163,10 @@ def inspect_checkpoint(
     """
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"checkpoint '{folder}' has no config.json (expected a transformers checkpoint folder)")
-    shards, metadata, fmt = _find_shards(folder, allow_pickle)
+    shards, index_path, metadata, fmt = _find_shards(folder, allow_pickle)
     tensors, shapes = _read_headers(shards) if fmt == "safetensors" else _read_pickles(shards)
-    if metadata is not None:
-        index_name = INDEX_NAME if fmt == "safetensors" else PICKLE_INDEX_NAME
-        check_index(folder / index_name, metadata["weight_map"], tensors)
+    if index_path is not None:
+        check_index(index_path, metadata["weight_map"], tensors)
     hashes = hashes or default_hash_cache()
     start = time.perf_counter()
     inputs = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES)

@@ -58,6 +58,7 @@ class LoadContext:
     # device_map
     device_map_request: Any = None
     device_map: dict | None = None
+    offload_folder: Path | None = None
     # preprocess
     model: Any = None
     load_config: Any = None
@@ -203,7 +204,7 @@ def device_map(ctx: LoadContext) -> LoadContext:
     offload_folder = devices.offload_folder(ctx.cfg.device_map, ctx.checkpoint.path)
     if isinstance(request, dict):
         _check_disk(request, offload_folder, f"device_map.modules {request}")
-        return ctx.next(device_map_request=request, device_map=request)
+        return ctx.next(device_map_request=request, device_map=request, offload_folder=offload_folder)
     # Sizing needs the quantized skeleton (4-bit modules weigh half a byte per weight): build it on
     # the meta device here; `preprocess` goes on with it.
     model_cls = hf_loading.causal_lm_class(ctx.hf_config, ctx.cfg.model.trust_remote_code)
@@ -217,7 +218,7 @@ def device_map(ctx: LoadContext) -> LoadContext:
             ctx.quantizer.validate_environment(device_map=final)
         except ValueError as e:
             raise DeviceMapError(f"device_map '{request}' -> {final}: {e}") from e
-    return ctx.next(device_map_request=request, device_map=final, model=sizing)
+    return ctx.next(device_map_request=request, device_map=final, offload_folder=offload_folder, model=sizing)
 
 
 def _on_disk(device_map: dict) -> list[str]:
@@ -257,9 +258,8 @@ def preprocess(ctx: LoadContext) -> LoadContext:
         model = hf_loading.build_skeleton(
             model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, ctx.device_map_request, ctx.checkpoint
         )
-    offload_folder = devices.offload_folder(ctx.cfg.device_map, ctx.checkpoint.path)
     load_config = hf_loading.load_state_config(
-        model, ctx.checkpoint, ctx.device_map, ctx.dtype, ctx.quantizer, offload_folder
+        model, ctx.checkpoint, ctx.device_map, ctx.dtype, ctx.quantizer, ctx.offload_folder
     )
     integrity.check_tensors_fit_model(
         model, ctx.checkpoint.shapes, load_config.weight_mapping, ctx.quantizer, ctx.checkpoint.path
