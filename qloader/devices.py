@@ -74,6 +74,22 @@ def cuda_devices_asked(request: str | dict, max_memory: dict | None) -> set[int]
     return asked
 
 
+def weights_device(device_map: DictConfig) -> str:
+    """'cuda' when the device map puts weights on a GPU (a method may pick its config by it), else 'cpu'."""
+    strategy = device_map.strategy
+    if strategy == "cpu":
+        return "cpu"
+    if strategy.startswith("cuda") or (
+        strategy == "explicit" and cuda_devices_asked(device_map_request(device_map), None)
+    ):
+        return "cuda"
+    if strategy == "explicit":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def offload_folder(device_map: DictConfig, checkpoint: Path) -> Path | None:
     """`device_map.offload_folder`, resolved; never inside the checkpoint, which qloader does not write to."""
     if not device_map.offload_folder:

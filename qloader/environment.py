@@ -11,23 +11,21 @@ from pathlib import Path
 from qloader.checkpoint import Checkpoint
 from qloader.errors import EnvironmentMismatchError
 
-PACKAGES = (
-    "torch",
-    "transformers",
-    "bitsandbytes",
-    "accelerate",
-    "hydra-core",
-    "omegaconf",
-    "safetensors",
-    "qloader",
-)
+CORE_PACKAGES = ("torch", "transformers", "accelerate", "hydra-core", "omegaconf", "safetensors", "qloader")
 # Oldest releases the staged pipeline is known to load correctly with (bnb quantizes on CPU from 0.50).
-MINIMUM_VERSIONS = {"torch": "2.6", "transformers": "5.23", "bitsandbytes": "0.50", "accelerate": "1.10"}
+MINIMUM_VERSIONS = {"torch": ">=2.6", "transformers": ">=5.23", "accelerate": ">=1.10"}
+
+
+def packages() -> tuple[str, ...]:
+    """The core libraries and every method plug-in's own (bitsandbytes, torchao, optimum-quanto, ...)."""
+    from qloader.quant.registry import packages as method_packages
+
+    return tuple(dict.fromkeys((*CORE_PACKAGES, *method_packages())))
 
 
 def versions() -> dict[str, str | None]:
     found: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in packages():
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -35,16 +33,18 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def check_versions() -> None:
+def check_versions(method_versions: dict[str, str] | None = None) -> None:
+    """The core libraries, and the quantization method's own (`QuantMethod.versions`), in their tested ranges."""
+    from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 
-    for name, minimum in MINIMUM_VERSIONS.items():
+    for name, wanted in {**MINIMUM_VERSIONS, **(method_versions or {})}.items():
         try:
             have = metadata.version(name)
         except metadata.PackageNotFoundError as e:
-            raise EnvironmentMismatchError(f"{name} is not installed (qloader needs {name}>={minimum})") from e
-        if Version(have) < Version(minimum):
-            raise EnvironmentMismatchError(f"{name} {have} is installed; qloader needs {name}>={minimum}")
+            raise EnvironmentMismatchError(f"{name} is not installed (qloader needs {name}{wanted})") from e
+        if Version(have) not in SpecifierSet(wanted, prereleases=True):
+            raise EnvironmentMismatchError(f"{name} {have} is installed; qloader needs {name}{wanted}")
 
 
 def _meminfo(key: str) -> int | None:

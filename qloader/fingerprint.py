@@ -10,11 +10,21 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
+from qloader.quant.base import flatten_context, inner_tensors
 
-def _entry(name: str, tensor: torch.Tensor) -> str:
+
+def _plain_entry(name: str, tensor: torch.Tensor) -> str:
     tensor = tensor.detach().to("cpu").contiguous()
     data = memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else b""
     return f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|{hashlib.sha256(data).hexdigest()}\n"
+
+
+def _entry(name: str, tensor: torch.Tensor) -> str:
+    """One line per plain tensor; a tensor subclass (torchao, quanto) as its inner tensors and attributes."""
+    if not (context := flatten_context(tensor)):
+        return _plain_entry(name, tensor)
+    inner = "".join(_plain_entry(f"{name}/{part}", t) for part, t in inner_tensors(tensor))
+    return f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|{context}\n{inner}"
 
 
 def weights_fingerprint(model: nn.Module, offloaded: Mapping[str, torch.Tensor] | None = None) -> str:
@@ -22,7 +32,8 @@ def weights_fingerprint(model: nn.Module, offloaded: Mapping[str, torch.Tensor] 
 
     `state_dict()` is the canonical serialized form: parameters and buffers, and for bitsandbytes
     layers the packed weights with every quant-state tensor (absmax, quant_map, nested statistics,
-    int8 SCB) and the quant-state fields, which bitsandbytes packs into a tensor of their own.
+    int8 SCB) and the quant-state fields, which bitsandbytes packs into a tensor of their own. A tensor
+    subclass (torchao, optimum-quanto) counts as its inner tensors plus its attributes (block size, qtype).
     Weights offloaded to disk (on the meta device in the model) are read from `offloaded`.
     Entries are hashed on every core at once: hashlib releases the GIL while it hashes.
     """

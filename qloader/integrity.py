@@ -142,12 +142,15 @@ def check_remote_code(config_json: Path, trusted: bool) -> None:
         )
 
 
-def check_tensors_fit_model(model, shapes: dict[str, tuple[int, ...]], weight_mapping, quantizer, where: Path) -> None:
+def check_tensors_fit_model(
+    model, shapes: dict[str, tuple[int, ...]], weight_mapping, quantizer, where: Path, created: set[str] = frozenset()
+) -> None:
     """Every weight the model needs is in the checkpoint, nothing else is, and shapes agree.
 
     Keys are matched as transformers' loader will rename them (`weight_mapping`, base-model prefix);
     tied weights and the model's own ignore patterns are exempt, as in `from_pretrained`. Read from
     the headers only: nothing is materialized, and nothing is ever randomly initialized unnoticed.
+    `created` are the keys the quantizer makes itself while loading (optimum-quanto's activation scales).
     """
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     from transformers.utils.loading_report import LoadStateDictInfo
@@ -173,7 +176,7 @@ def check_tensors_fit_model(model, shapes: dict[str, tuple[int, ...]], weight_ma
             mismatched.append(f"{key}: checkpoint {list(shape)}, model {list(expected[target].shape)}")
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     info = LoadStateDictInfo(
-        missing_keys=set(expected) - found - tied,
+        missing_keys=set(expected) - found - tied - set(created),
         unexpected_keys=unexpected,
         mismatched_keys=set(),
         error_msgs=[],
@@ -195,24 +198,29 @@ def check_tensors_fit_model(model, shapes: dict[str, tuple[int, ...]], weight_ma
         )
 
 
-def nonfinite_weights(model, offloaded=None) -> list[str]:
-    """Parameters and buffers holding NaN or Inf; a bitsandbytes weight by its scales (absmax, SCB),
-    which bitsandbytes computes from the source weight, so a NaN or Inf anywhere in it shows there.
-    Weights offloaded to disk are read from `offloaded`, one at a time."""
+def nonfinite_weights(model, offloaded=None, storage_tensors=None) -> list[str]:
+    """Parameters and buffers holding NaN or Inf, judged on the tensors that store them (`storage_tensors`,
+    from the method plug-in): a bitsandbytes weight by its scales (absmax, SCB), a torchao or quanto
+    weight by its inner tensors. The scales are computed from the source weight, so a NaN or Inf anywhere
+    in it shows there. Weights offloaded to disk are read from `offloaded`, one at a time."""
     import torch
 
-    from qloader.inventory import quant_state_tensors
+    from qloader.quant.base import inner_tensors
 
     def finite(t: torch.Tensor) -> bool:
         # max propagates NaN and Inf, and is ten times faster than isfinite(t).all(); in chunks, the
         # temporaries stay small
         return all(bool(torch.isfinite(chunk.abs().amax())) for chunk in t.reshape(-1).split(FINITE_CHUNK))
 
+    def stored(tensor):
+        return storage_tensors(tensor) if storage_tensors else (t for _, t in inner_tensors(tensor))
+
     bad = []
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.device.type == "meta" and offloaded is not None:
             tensor = offloaded[name]
-        checked = [t for t in (tensor, *quant_state_tensors(tensor)) if t.is_floating_point()]
+        # 1-byte floats (fp8 data) carry no Inf and are judged by their scales
+        checked = [t for t in stored(tensor) if t.is_floating_point() and t.element_size() > 1]
         for t in checked:
             if not finite(t):
                 kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-QUANTIZED_CLASSES = ("Linear4bit", "Linear8bitLt")
+from qloader.quant.base import QuantMethod, inner_tensors
 
 
 @dataclass(frozen=True)
 class Inventory:
     model_class: str
     footprint_bytes: int
-    """Parameters, buffers and quant-state tensors (absmax, code, SCB...), tied storage counted once."""
+    """The storage of parameters, buffers and quant state (absmax, scales, SCB, inner tensors of tensor
+    subclasses), each storage counted once."""
     parameters: int
     quantized_modules: dict[str, int]
     """Quantized module class -> count."""
@@ -33,23 +32,20 @@ class Inventory:
         return sum(self.quantized_modules.values())
 
 
-def quant_state_tensors(param: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The tensors bitsandbytes keeps beside a packed weight: 4-bit QuantState (nested too) or int8 SCB."""
-    if (scb := getattr(param, "SCB", None)) is not None:
-        yield scb
-    state = getattr(param, "quant_state", None)
-    while state is not None:
-        for name in ("absmax", "code", "offset"):
-            if isinstance(value := getattr(state, name, None), torch.Tensor):
-                yield value
-        state = getattr(state, "state2", None)
+def storage_tensors(model: nn.Module, method: QuantMethod | None):
+    """Every plain tensor that holds the model's weights: parameters and buffers, as the method stores them."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if method is None:
+            yield from (t for _, t in inner_tensors(tensor))
+        else:
+            yield from method.storage_tensors(tensor)
 
 
-def footprint_bytes(model: nn.Module) -> int:
+def footprint_bytes(model: nn.Module, method: QuantMethod | None = None) -> int:
+    """Real storage bytes: measured on the plain tensors, never on a tensor subclass's outer shape."""
     seen: set[tuple[str, int]] = set()
     total = 0
-    tensors = [t for p in model.parameters() for t in (p, *quant_state_tensors(p))] + list(model.buffers())
-    for tensor in tensors:
+    for tensor in storage_tensors(model, method):
         if tensor.device.type == "meta":  # offloaded to disk: holds no memory
             continue
         key = (str(tensor.device), tensor.untyped_storage().data_ptr())
@@ -59,16 +55,22 @@ def footprint_bytes(model: nn.Module) -> int:
     return total
 
 
-def take_inventory(model: nn.Module, loading_info, offloaded=None, fingerprint: bool = True) -> Inventory:
+def _quantized_class(module: nn.Module, method: QuantMethod | None) -> str | None:
+    return None if method is None else method.quantized_class(module)
+
+
+def take_inventory(
+    model: nn.Module, loading_info, offloaded=None, fingerprint: bool = True, method: QuantMethod | None = None
+) -> Inventory:
     from qloader.fingerprint import weights_fingerprint
 
-    classes = Counter(type(m).__name__ for m in model.modules() if type(m).__name__ in QUANTIZED_CLASSES)
-    skipped = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    kinds = {name: _quantized_class(m, method) for name, m in model.named_modules()}
+    skipped = [name for name, m in model.named_modules() if type(m) is nn.Linear and kinds[name] is None]
     return Inventory(
         model_class=type(model).__name__,
-        footprint_bytes=footprint_bytes(model),
+        footprint_bytes=footprint_bytes(model, method),
         parameters=sum(p.numel() for p in model.parameters()),
-        quantized_modules=dict(classes),
+        quantized_modules=dict(Counter(kind for kind in kinds.values() if kind is not None)),
         skipped_modules=skipped,
         missing_keys=sorted(loading_info.missing_keys),
         unexpected_keys=sorted(loading_info.unexpected_keys),

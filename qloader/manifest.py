@@ -87,7 +87,7 @@ def _plain(value: Any) -> Any:
 
 
 def _quantization_section(ctx) -> dict | None:
-    from qloader.quantization import describe
+    from qloader.quant.merge import describe
 
     if ctx.checkpoint is None:
         return None
@@ -98,6 +98,7 @@ def _quantization_section(ctx) -> dict | None:
         "config": None if qconfig is None else {key: _plain(value) for key, value in qconfig.to_dict().items()},
         "quantizer": None if ctx.quantizer is None else type(ctx.quantizer).__name__,
         "pre_quantized": ctx.pre_quantized,
+        "choice": ctx.quant_choice,
         "kernel": None if ctx.kernel is None else ctx.kernel.as_dict(),
         "merge": [row.__dict__ for row in ctx.merge],
     }

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from torch import nn
 
-# bitsandbytes' 4-bit code book (16 float32) and nested-statistics layout (256-entry code, float32 offset).
-CODE_4BIT_BYTES = 16 * 4
-NESTED_BLOCKSIZE = 256
+from qloader.quant.base import QuantMethod
 
 
 @dataclass
 class DeviceEstimate:
     quantized_bytes: int = 0
-    """Packed 4-bit / int8 weights."""
+    """Packed quantized weights (4-bit, int8, fp8 data)."""
     quant_state_bytes: int = 0
-    """absmax, code books, nested statistics, int8 SCB."""
+    """Scales, zero points, code books, nested statistics: what the method keeps beside the packed data."""
     unquantized_bytes: int = 0
     buffer_bytes: int = 0
 
@@ -67,17 +65,6 @@ def device_of(name: str, device_map: dict) -> str:
     return str(device_map.get(best, "cpu"))
 
 
-def _quant_state_bytes(module: nn.Module, numel: int) -> int:
-    kind = type(module).__name__
-    if kind == "Linear8bitLt":
-        return module.out_features * 4  # SCB: one float32 scale per row
-    blocks = math.ceil(numel / module.weight.blocksize)
-    if module.weight.compress_statistics:  # double quant: uint8 absmax + float32 statistics of it
-        nested = math.ceil(blocks / NESTED_BLOCKSIZE)
-        return blocks + nested * 4 + NESTED_BLOCKSIZE * 4 + 4 + CODE_4BIT_BYTES
-    return blocks * 4 + CODE_4BIT_BYTES
-
-
 def budgets_in_bytes(max_memory: dict | None) -> dict[str, int]:
     """max_memory ('2GiB', 500MB, bytes) as bytes per device."""
     from accelerate.utils import convert_file_size_to_int
@@ -85,20 +72,31 @@ def budgets_in_bytes(max_memory: dict | None) -> dict[str, int]:
     return {str(d): convert_file_size_to_int(size) for d, size in (max_memory or {}).items()}
 
 
-def estimate(model: nn.Module, device_map: dict, largest_shard_bytes: int, max_memory: dict | None) -> Plan:
-    """Bytes per device for the skeleton as it will be loaded; tied weights counted once."""
+def estimate(
+    model: nn.Module,
+    device_map: dict,
+    largest_shard_bytes: int,
+    max_memory: dict | None,
+    method: QuantMethod | None = None,
+    quantizer: Any = None,
+) -> Plan:
+    """Bytes per device for the skeleton as it will be loaded; tied weights counted once.
+
+    The method plug-in says what each parameter it quantizes will occupy (packed data + quant state);
+    everything else is counted at its skeleton dtype.
+    """
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     devices: dict[str, DeviceEstimate] = {}
     for module_name, module in model.named_modules():
         device = devices.setdefault(device_of(module_name, device_map), DeviceEstimate())
-        quantized = type(module).__name__ in ("Linear4bit", "Linear8bitLt")
         for name, param in module.named_parameters(recurse=False):
-            if f"{module_name}.{name}".lstrip(".") in tied:
+            full_name = f"{module_name}.{name}".lstrip(".")
+            if full_name in tied:
                 continue
-            if quantized and name == "weight":
-                bits = 8 if type(module).__name__ == "Linear8bitLt" else 4
-                device.quantized_bytes += math.ceil(param.numel() * bits / 8)
-                device.quant_state_bytes += _quant_state_bytes(module, param.numel())
+            planned = None if method is None else method.planned_bytes(quantizer, model, full_name, module, param)
+            if planned is not None:
+                device.quantized_bytes += planned.packed
+                device.quant_state_bytes += planned.state
             else:
                 device.unquantized_bytes += param.numel() * param.element_size()
         device.buffer_bytes += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))

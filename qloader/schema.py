@@ -14,6 +14,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from qloader.quant.base import QuantConfig
+from qloader.quant.registry import schemas as quant_schemas
+
 # ---------------------------------------------------------------- model: where the checkpoint comes from
 
 
@@ -68,42 +71,8 @@ class HubModelConfig(ModelConfig):
     revision: str | None = None
 
 
-# ---------------------------------------------------------------- quant: transformers' quantization config
-
-
-@dataclass
-class QuantConfig:
-    _target_: str | None = None
-    """The transformers quantization-config class to build; null loads unquantized."""
-    kernel: str = "bnb"
-    """CPU 4-bit quantization while loading: bnb (bitsandbytes' own kernel) or fused (the same math
-    compiled into one loop by torch.compile; byte-identical output, several times faster, compiled
-    once per machine into the qloader cache). A qloader setting, not passed to the config class."""
-
-
-@dataclass
-class NoQuantConfig(QuantConfig):
-    _target_: str | None = None
-
-
-@dataclass
-class BnbQuantConfig(QuantConfig):
-    """Every field but `kernel` is a `transformers.BitsAndBytesConfig` field, under the same name."""
-
-    _target_: str | None = "transformers.BitsAndBytesConfig"
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
-    llm_int8_threshold: float = 6.0
-    llm_int8_skip_modules: list[str] | None = None
-    llm_int8_enable_fp32_cpu_offload: bool = False
-    llm_int8_has_fp16_weight: bool = False
-    bnb_4bit_compute_dtype: str | None = None
-    """A torch dtype name (bfloat16, float16, float32); null means float32, as in transformers."""
-    bnb_4bit_quant_type: str = "fp4"
-    """nf4 or fp4."""
-    bnb_4bit_use_double_quant: bool = False
-    bnb_4bit_quant_storage: str | None = None
-    """A torch dtype name for the packed storage; null means uint8."""
+# ---------------------------------------------------------------- quant: each method plug-in brings its own schema
+# (qloader/quant/<method>.py); `QuantConfig` is their common base.
 
 
 # ---------------------------------------------------------------- device_map and dtype
@@ -184,7 +153,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "local": LocalModelConfig,
         "hub": HubModelConfig,
     },
-    "quant": {"none": NoQuantConfig, "bnb": BnbQuantConfig},
+    "quant": quant_schemas(),
     "device_map": {"device_map": DeviceMapConfig},
     "dtype": {"dtype": DtypeConfig},
     "probe": {"probe": ProbeConfig},

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from qloader import checkpoint_writer, devices, integrity, quantization
+from qloader import checkpoint_writer, devices, integrity
 from qloader.checkpoint import Checkpoint, inspect_checkpoint
 from qloader.errors import (
     CheckpointError,
@@ -25,7 +26,8 @@ from qloader.errors import (
     LoadError,
     NonFiniteWeightError,
 )
-from qloader.kernels import KernelReport, quantize_4bit_kernel
+from qloader.quant import merge as quant
+from qloader.quant.registry import method_for_target, method_of
 from qloader.sources import checkpoint_folder
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ class LoadContext:
     quantization_config: Any = None
     pre_quantized: bool = False
     merge: list = field(default_factory=list)
+    quant_choice: dict | None = None
     dtype: Any = None
     # instantiate
     quantizer: Any = None
@@ -64,7 +67,7 @@ class LoadContext:
     load_config: Any = None
     plan: Plan | None = None
     # load
-    kernel: KernelReport | None = None
+    kernel: Any = None
     loading_info: Any = None
     offload_index: dict | None = None
     # postprocess
@@ -81,8 +84,11 @@ class LoadContext:
 
 def _check_fields(cfg: DictConfig) -> None:
     """Every config problem at once, before any file is read."""
-    problems = quantization.check_quant_fields(cfg.quant) + devices.check_device_fields(cfg.device_map)
+    problems = quant.check_quant_fields(cfg.quant) + devices.check_device_fields(cfg.device_map)
     problems += checkpoint_writer.check_save_fields(cfg.save)
+    method = method_for_target(cfg.quant.get("_target_"))
+    if cfg.save.enabled and method is not None and (why := method.check_save(cfg.quant)):
+        problems.append(f"save.enabled=true: {why}; load without saving (save.enabled=false) or choose another quant")
     name = DTYPE_NAMES.get(cfg.dtype.name, cfg.dtype.name)
     if name not in DTYPES:
         problems.append(f"dtype.name '{cfg.dtype.name}' is not a dtype qloader loads (one of {', '.join(DTYPES)})")
@@ -101,6 +107,7 @@ def resolve(ctx: LoadContext) -> LoadContext:
     from qloader import hf_loading
 
     _check_fields(ctx.cfg)
+    quant.check_backend(ctx.cfg.quant)
     model = ctx.cfg.model
     checkpoint = inspect_checkpoint(
         checkpoint_folder(model), hash_files=ctx.cfg.mode != "plan", allow_pickle=model.allow_pickle
@@ -110,15 +117,15 @@ def resolve(ctx: LoadContext) -> LoadContext:
         hf_config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{checkpoint.path / 'config.json'}: {e}") from e
-    user_qconfig = quantization.build_quantization_config(ctx.cfg.quant)
+    user_qconfig = quant.build_quantization_config(ctx.cfg.quant, devices.weights_device(ctx.cfg.device_map))
     qconfig, merge = user_qconfig, []
     saved = getattr(hf_config, "quantization_config", None)
     if saved is not None:  # pre-quantized: the checkpoint's config, merged with the user's if one was asked for
         saved = saved if isinstance(saved, dict) else saved.to_dict()
         config_json = checkpoint.path / "config.json"
-        quantization.check_saved_config(saved, config_json)
-        asked = quantization.quant_overridden(list(ctx.overrides))
-        qconfig, merge = quantization.merge_with_checkpoint(saved, user_qconfig if asked else None, asked, config_json)
+        quant.check_saved_config(saved, config_json)
+        asked = quant.quant_overridden(list(ctx.overrides))
+        qconfig, merge = quant.merge_with_checkpoint(saved, user_qconfig if asked else None, asked, config_json)
         hf_config.quantization_config = qconfig
         for row in merge:
             log.warning(
@@ -132,6 +139,7 @@ def resolve(ctx: LoadContext) -> LoadContext:
         quantization_config=qconfig,
         pre_quantized=saved is not None,
         merge=merge,
+        quant_choice=None if qconfig is None else method_of(qconfig).choice(qconfig),
         dtype=dtype,
     )
 
@@ -172,12 +180,18 @@ def validate(ctx: LoadContext) -> LoadContext:
         raise EnvironmentMismatchError(
             f"device_map asks for cuda:{max(asked)}, but this host has {available} CUDA device(s)"
         )
-    environment.check_versions()
+    method = method_of(ctx.quantization_config)
+    if method is not None and (why := method.check_environment(ctx.quantization_config, available)):
+        raise EnvironmentMismatchError(f"quant {method.quant_method}: {why}")
+    environment.check_versions(None if method is None else method.versions)
     if ctx.quantizer is not None:
         try:
             ctx.quantizer.validate_environment(device_map=request, weights_only=True)
-        except (ImportError, ValueError, RuntimeError) as e:
-            raise EnvironmentMismatchError(f"quantizer {type(ctx.quantizer).__name__}: {e}") from e
+        except (ImportError, ValueError, RuntimeError, NotImplementedError) as e:  # ModuleNotFoundError too
+            raise EnvironmentMismatchError(
+                f"quant {method.quant_method} ({type(ctx.quantizer).__name__}) cannot run here: "
+                f"{type(e).__name__}: {str(e).strip()}; use {method.instead}"
+            ) from e
     _check_pinned_hashes(ctx.cfg.model.get("expected_sha256") or {}, ctx.checkpoint)
     memory = environment.check_memory(ctx.checkpoint)
     return ctx.next(environment=memory)
@@ -212,7 +226,7 @@ def device_map(ctx: LoadContext) -> LoadContext:
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
     final = hf_loading.infer_device_map(sizing, request, max_memory, ctx.quantizer)
     if (on_disk := _on_disk(final)) and offload_folder is None:
-        raise DeviceMapError(_does_not_fit(sizing, request, max_memory, on_disk))
+        raise DeviceMapError(_does_not_fit(ctx, sizing, request, max_memory, on_disk))
     if ctx.quantizer is not None:
         try:
             ctx.quantizer.validate_environment(device_map=final)
@@ -232,11 +246,12 @@ def _check_disk(device_map: dict, offload_folder: Path | None, what: str) -> Non
         )
 
 
-def _does_not_fit(sizing, request: str, max_memory: dict | None, unplaced: list[str]) -> str:
+def _does_not_fit(ctx: LoadContext, sizing, request: str, max_memory: dict | None, unplaced: list[str]) -> str:
     from qloader.plan import budgets_in_bytes, estimate
     from qloader.summary import mib
 
-    need = estimate(sizing, {"": "cpu"}, 0, None).footprint_bytes
+    method = method_of(ctx.quantization_config)
+    need = estimate(sizing, {"": "cpu"}, 0, None, method, ctx.quantizer).footprint_bytes
     have = sum(budgets_in_bytes(max_memory).values())
     return (
         f"device_map '{request}' with max_memory {max_memory}: the model does not fit; it needs about {mib(need)}"
@@ -261,11 +276,13 @@ def preprocess(ctx: LoadContext) -> LoadContext:
     load_config = hf_loading.load_state_config(
         model, ctx.checkpoint, ctx.device_map, ctx.dtype, ctx.quantizer, ctx.offload_folder
     )
+    method = method_of(ctx.quantization_config)
+    created = set() if method is None or ctx.pre_quantized else method.created_keys(model)
     integrity.check_tensors_fit_model(
-        model, ctx.checkpoint.shapes, load_config.weight_mapping, ctx.quantizer, ctx.checkpoint.path
+        model, ctx.checkpoint.shapes, load_config.weight_mapping, ctx.quantizer, ctx.checkpoint.path, created
     )
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
-    plan = estimate(model, ctx.device_map, ctx.checkpoint.largest_shard_bytes, max_memory)
+    plan = estimate(model, ctx.device_map, ctx.checkpoint.largest_shard_bytes, max_memory, method, ctx.quantizer)
     return ctx.next(model=model, load_config=load_config, plan=plan)
 
 
@@ -275,8 +292,9 @@ def load(ctx: LoadContext) -> LoadContext:
 
     from qloader import hf_loading
 
+    method = method_of(ctx.quantization_config)
     if ctx.pre_quantized:
-        missing = quantization.missing_quant_state(ctx.model, ctx.checkpoint.tensors, ctx.quantization_config)
+        missing = quant.missing_quant_state(ctx.model, ctx.checkpoint.tensors, ctx.quantization_config)
         if missing:
             raise CheckpointError(f"pre-quantized checkpoint is incomplete: {'; '.join(missing)}")
     shards = ctx.checkpoint.shards
@@ -288,7 +306,7 @@ def load(ctx: LoadContext) -> LoadContext:
             bar.update(tensors)
 
         try:
-            with quantize_4bit_kernel(ctx.cfg.quant.kernel) as kernel:
+            with nullcontext(None) if method is None else method.loading_kernel(ctx.cfg.quant) as kernel:
                 info, offload_index = hf_loading.load_shards(ctx.model, ctx.checkpoint, ctx.load_config, on_batch)
         except (OSError, RuntimeError, ValueError) as e:
             raise LoadError(f"{ctx.checkpoint.path}: {type(e).__name__}: {e}") from e
@@ -312,17 +330,18 @@ def postprocess(ctx: LoadContext) -> LoadContext:
             f"({integrity.listing(info.unexpected_keys)})"
         )
     offloaded = hf_loading.offloaded_weights(ctx.load_config, ctx.offload_index)
-    finite_check = _check_finite(ctx.model, ctx.cfg.validate, ctx.checkpoint, offloaded)
-    inventory = take_inventory(ctx.model, info, offloaded, fingerprint=ctx.cfg.validate.fingerprint)
+    method = method_of(ctx.quantization_config)
+    finite_check = _check_finite(ctx.model, ctx.cfg.validate, ctx.checkpoint, offloaded, method)
+    inventory = take_inventory(ctx.model, info, offloaded, ctx.cfg.validate.fingerprint, method)
     return ctx.next(finite_check=finite_check, inventory=inventory)
 
 
-def _check_finite(model, validate_cfg: DictConfig, checkpoint: Checkpoint, offloaded) -> str:
+def _check_finite(model, validate_cfg: DictConfig, checkpoint: Checkpoint, offloaded, method) -> str:
     """`validate.finite`: fail on any NaN or Inf weight; 'auto' checks models up to finite_max_parameters."""
     size = checkpoint.parameters
     if validate_cfg.finite is False or (validate_cfg.finite == "auto" and size > validate_cfg.finite_max_parameters):
         return "skipped"
-    if bad := integrity.nonfinite_weights(model, offloaded):
+    if bad := integrity.nonfinite_weights(model, offloaded, None if method is None else method.storage_tensors):
         raise NonFiniteWeightError(
             f"{checkpoint.path}: {len(bad)} weight(s) hold NaN or Inf after loading: {integrity.listing(bad)}. "
             "Set validate.finite=false to load it anyway"

@@ -8,7 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from qloader.config import compose
-from qloader.quantization import build_quantization_config
+from qloader.quant.merge import build_quantization_config
 
 GROUPS = ("model", "quant", "device_map", "dtype")
 

@@ -8,7 +8,7 @@ import torch
 from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
 
 import qloader
-from qloader.kernels import quantize_4bit_kernel
+from qloader.quant.bnb_kernel import quantize_4bit_kernel
 
 SHAPES = [(64,), (4, 64), (128, 192), (3, 4096), (333, 128), (1024, 320), (96, 8), (100,), (65, 3)]
 
@@ -96,7 +96,7 @@ def test_fused_load_equals_transformers_and_is_recorded(quant: str, tmp_path) ->
 
 def test_choosing_a_kernel_is_not_a_quantization_request() -> None:
     """A pre-quantized checkpoint's own config is used as is when only quant.kernel is given."""
-    from qloader.quantization import quant_overridden
+    from qloader.quant.merge import quant_overridden
 
     assert not quant_overridden(["quant.kernel=fused", "model=local"])
     assert quant_overridden(["quant.kernel=fused", "quant.bnb_4bit_quant_type=fp4"])

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-KERNELS = ("bnb", "fused")
-
 
 @dataclass
 class KernelReport:

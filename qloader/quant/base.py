@@ -1,0 +1,188 @@
+"""What qloader needs to know about a quantization method: one small protocol, with defaults.
+
+A method plug-in subclasses `QuantMethod`, overrides what differs, and is listed in
+`qloader.quant.registry`. Nothing outside `qloader/quant/` names a method. Module level stays
+light (no torch, no transformers): the schemas here are read when the config is composed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class QuantConfig:
+    """The `quant` group's base schema: the transformers quantization-config class to build."""
+
+    _target_: str | None = None
+    """The transformers quantization-config class; null loads unquantized."""
+
+
+@dataclass
+class NoQuantConfig(QuantConfig):
+    _target_: str | None = None
+
+
+@dataclass(frozen=True)
+class MergeRow:
+    """One field where the checkpoint's saved quantization config and the user's differ."""
+
+    field: str
+    checkpoint: Any
+    user: Any
+    used: Any
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """What one quantized weight will occupy once loaded: the packed data and its quant state."""
+
+    packed: int
+    state: int
+
+
+class QuantMethod:
+    """One quantization method family, keyed by transformers' `quant_method` value.
+
+    The defaults describe a method that needs nothing beyond its transformers config: override
+    only what differs. `config` below is always the transformers config object.
+    """
+
+    quant_method: ClassVar[str]
+    """transformers' `quant_method` value (`BitsAndBytesConfig().quant_method`): the registry key."""
+    config_class: ClassVar[str]
+    """The transformers config class name (the YAML's `_target_` ends with it)."""
+    schemas: ClassVar[dict[str, type]] = {}
+    """Schema name -> dataclass, stored in Hydra's ConfigStore as `quant_<name>_schema`."""
+    settings: ClassVar[tuple[str, ...]] = ()
+    """`quant` fields that are qloader settings, never passed to the config class."""
+    packages: ClassVar[tuple[str, ...]] = ()
+    """Distributions whose versions the manifest records and replay compares."""
+    versions: ClassVar[dict[str, str]] = {}
+    """Tested version ranges, checked in `validate` (`{"torchao": ">=0.18,<0.19"}`)."""
+    module: ClassVar[str | None] = None
+    """The module that must import for the method to run (None: nothing beyond transformers)."""
+    extra: ClassVar[str | None] = None
+    """The qloader extra that installs it: `pip install 'qloader[<extra>]'`."""
+    needs: ClassVar[str | None] = None
+    """A device the method needs (e.g. 'a CUDA GPU'); None: it runs on CPU too."""
+    instead: ClassVar[str] = "quant=bnb-nf4 or quant=torchao-int8wo"
+    """What to use when the host cannot run it."""
+    format_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields that define how stored weights are packed: a pre-quantized checkpoint and a request must agree."""
+    can_save: ClassVar[bool] = True
+    calibrates: ClassVar[bool] = False
+    """Quantizes in `postprocess` from calibration data (GPTQ) rather than weight by weight while loading."""
+
+    # ---------------------------------------------------------------- config
+
+    def check_fields(self, quant: DictConfig) -> list[str]:
+        """Every problem in the `quant` node, each naming the field and the value (before any file is read)."""
+        return []
+
+    def build_config(self, quant: DictConfig, device: str) -> Any:
+        """The transformers config from the Hydra node; `device` is 'cuda' when weights go to a GPU, else 'cpu'."""
+        from hydra.utils import instantiate
+
+        fields = OmegaConf.masked_copy(quant, [key for key in quant if key not in self.settings])
+        return instantiate(fields, _convert_="all")
+
+    def choice(self, config: Any) -> dict | None:
+        """Decisions the method took while building its config (recorded in the manifest)."""
+        return None
+
+    def describe(self, config: dict) -> str:
+        """A short human name for a config dict (`to_dict()` or a checkpoint's `quantization_config`)."""
+        return str(config.get("quant_method"))
+
+    def compared_fields(self, saved: dict, user: dict) -> tuple[str, ...]:
+        """Fields listed when a request is merged with a pre-quantized checkpoint's config."""
+        return tuple(sorted(k for k in set(saved) & set(user) if not k.startswith("_") and k != "quant_method"))
+
+    def conflicts(self, rows: list[MergeRow]) -> list[MergeRow]:
+        """The differences that contradict how the checkpoint's weights are stored."""
+        return [row for row in rows if row.field in self.format_fields]
+
+    # ---------------------------------------------------------------- environment
+
+    def check_environment(self, config: Any, cuda_devices: int) -> str | None:
+        """Why this host cannot run the method (None: it can); called before transformers' own check."""
+        if self.needs and cuda_devices == 0:
+            return f"needs {self.needs}, and this host has none; use {self.instead}"
+        return None
+
+    # ---------------------------------------------------------------- the model skeleton and the checkpoint
+
+    def quant_state_names(self, module: Any, config: Any) -> tuple[str, ...]:
+        """Tensors a pre-quantized checkpoint must hold beside `module`'s weight (suffixes of the module name)."""
+        return ()
+
+    def created_keys(self, model: Any) -> set[str]:
+        """State keys the quantizer creates itself while loading on the fly: never expected in a checkpoint."""
+        return set()
+
+    def quantized_class(self, module: Any) -> str | None:
+        """How the inventory counts `module`: the class name of a quantized module, else None."""
+        return None
+
+    def planned_bytes(self, quantizer: Any, model: Any, name: str, module: Any, param: Any) -> WeightBytes | None:
+        """Bytes of the skeleton parameter `name` (of `module`) once loaded, when the method quantizes it;
+        None: it stays as it is. `quantizer` is transformers' (its config: `quantizer.quantization_config`)."""
+        return None
+
+    # ---------------------------------------------------------------- the loaded model
+
+    def storage_tensors(self, tensor: Any) -> Iterator[Any]:
+        """The plain tensors that hold a loaded parameter or buffer (inner tensors of a tensor subclass)."""
+        yield from (t for _, t in inner_tensors(tensor))
+
+    def loading_kernel(self, quant: DictConfig) -> AbstractContextManager[Any]:
+        """A context the `load` stage runs in (a faster kernel); yields a report with `as_dict()`, or None."""
+        return nullcontext(None)
+
+    def check_save(self, quant: DictConfig) -> str | None:
+        """Why a model loaded with this `quant` node cannot be saved (None: it can); checked before any work."""
+        if not self.can_save:
+            return f"transformers cannot serialize {self.quant_method} models"
+        return None
+
+
+# ---------------------------------------------------------------- tensor helpers every method shares
+
+
+def inner_tensors(tensor: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(name, plain tensor) for a tensor, its subclass's inner tensors flattened recursively.
+
+    torchao and optimum-quanto weights are traceable tensor subclasses: their storage is the inner
+    tensors that `__tensor_flatten__` names; the outer tensor owns none (and `abs()` on it may fail).
+    """
+    if not hasattr(type(tensor), "__tensor_flatten__"):
+        yield prefix, tensor
+        return
+    names, _ = tensor.__tensor_flatten__()
+    for name in names:
+        yield from inner_tensors(getattr(tensor, name), f"{prefix}.{name}" if prefix else name)
+
+
+def flatten_context(tensor: Any) -> str:
+    """The non-tensor attributes of a tensor subclass (block size, qtype, ...), as a stable string."""
+    if not hasattr(type(tensor), "__tensor_flatten__"):
+        return ""
+    names, ctx = tensor.__tensor_flatten__()
+    inner = ";".join(f"{n}:{flatten_context(getattr(tensor, n))}" for n in names)
+    return f"{type(tensor).__name__}{ctx!r}[{inner}]"
+
+
+def element_size(dtype: Any) -> int:
+    """Bytes per element of a torch dtype."""
+    return dtype.itemsize
+
+
+def groups(n: int, size: int) -> int:
+    return math.ceil(n / size)

@@ -1,0 +1,121 @@
+"""The `quant` node -> a transformers quantization config, merged with a pre-quantized checkpoint's own.
+
+Method-agnostic: what differs between methods comes from their plug-in (`qloader.quant.registry`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from qloader.errors import CheckpointError, EnvironmentMismatchError, QuantizationMismatchError
+from qloader.quant.base import MergeRow
+from qloader.quant.registry import method_for_target, method_of, settings
+
+
+def check_quant_fields(quant: DictConfig) -> list[str]:
+    """Every problem in the `quant` group, each naming the field and the value."""
+    method = method_for_target(quant.get("_target_"))
+    return [] if method is None else method.check_fields(quant)
+
+
+def check_backend(quant: DictConfig) -> None:
+    """The method's library must be installed: one line naming the extra that installs it."""
+    method = method_for_target(quant.get("_target_"))
+    if method is None or method.module is None or importlib.util.find_spec(method.module) is not None:
+        return
+    extra = f"pip install 'qloader[{method.extra}]'" if method.extra else f"pip install {method.packages[0]}"
+    raise EnvironmentMismatchError(
+        f"quant={method.quant_method} needs the '{method.module}' package, which is not installed; run: {extra}"
+    )
+
+
+def build_quantization_config(quant: DictConfig, device: str = "cpu") -> Any:
+    """Instantiate the `_target_` class (e.g. transformers.BitsAndBytesConfig); None for quant=none."""
+    method = method_for_target(quant.get("_target_"))
+    return None if method is None else method.build_config(quant, device)
+
+
+def quant_overridden(overrides: list[str]) -> bool:
+    """Did the user ask for a quant setting (`quant=...`, `quant.x=...`), rather than take the default?"""
+    own = sorted(settings())
+    qloader_only = rf"^[+~]*quant\.({'|'.join(own)})=" if own else r"^$"
+    return any(re.match(r"^[+~]*quant([.=@]|$)", o) and not re.match(qloader_only, o) for o in overrides)
+
+
+def check_saved_config(saved: dict, config_json: Path) -> None:
+    """A checkpoint's `quantization_config` must name a method transformers can load."""
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AutoHfQuantizer
+
+    try:
+        supported = AutoHfQuantizer.supports_quant_method(saved)
+    except ValueError:
+        supported = False
+    if not supported:
+        known = ", ".join(
+            sorted({str(m).removesuffix("_4bit").removesuffix("_8bit") for m in AUTO_QUANTIZATION_CONFIG_MAPPING})
+        )
+        raise CheckpointError(
+            f"{config_json}: quantization_config.quant_method '{saved.get('quant_method')}' is not a method "
+            f"transformers can load (known: {known})"
+        )
+
+
+def merge_with_checkpoint(saved: dict, user, user_asked: bool, config_json: Path) -> tuple[Any, list[MergeRow]]:
+    """Merge as transformers does (`AutoHfQuantizer.merge_quantization_configs`) and list every difference.
+
+    A request that contradicts how the checkpoint's weights are stored is an error naming both sides.
+    """
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    saved_method = describe(saved)
+    if user_asked and user is None:
+        raise QuantizationMismatchError(
+            f"{config_json} is pre-quantized ({saved_method}), but quant=none asks for unquantized weights; "
+            "drop the quant override to load it as saved"
+        )
+    saved_config = AutoHfQuantizer.merge_quantization_configs(dict(saved), None)
+    if user is None:
+        return saved_config, []
+    if type(user) is not type(saved_config):
+        raise QuantizationMismatchError(
+            f"{config_json} is pre-quantized with {saved_method}, but quant asks for {describe(user)}"
+        )
+    method = method_of(saved_config)
+    merged = AutoHfQuantizer.merge_quantization_configs(dict(saved), user)
+    user_dict, used_dict = user.to_dict(), merged.to_dict()
+    rows = [
+        MergeRow(key, saved.get(key), user_dict.get(key), used_dict.get(key))
+        for key in method.compared_fields(saved, user_dict)
+        if saved.get(key) != user_dict.get(key)
+    ]
+    if conflicts := method.conflicts(rows):
+        sides = "; ".join(f"quant.{r.field}: checkpoint {r.checkpoint}, requested {r.user}" for r in conflicts)
+        raise QuantizationMismatchError(
+            f"{config_json} is pre-quantized with {saved_method}, which the request contradicts: {sides}"
+        )
+    return merged, rows
+
+
+def missing_quant_state(model, tensors: dict[str, Path], qconfig, limit: int = 8) -> list[str]:
+    """Quant-state tensors a pre-quantized checkpoint lacks, each named with the shard that holds its weight."""
+    method = method_of(qconfig)
+    missing = []
+    for name, module in model.named_modules():
+        weight = f"{name}.weight"
+        for suffix in method.quant_state_names(module, qconfig):
+            if weight in tensors and f"{name}.{suffix}" not in tensors:
+                missing.append(f"{tensors[weight]}: tensor '{name}.{suffix}' is missing")
+    return missing[:limit] + ([f"... and {len(missing) - limit} more"] if len(missing) > limit else [])
+
+
+def describe(config: Any) -> str:
+    """A short human name: 'bnb nf4 (double quant)', 'torchao int8 weight-only', 'none'."""
+    method = method_of(config)
+    if method is None:
+        return "none"
+    return method.describe(config if isinstance(config, dict) else config.to_dict())
