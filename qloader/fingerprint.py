@@ -15,7 +15,7 @@ from qloader.quant.base import flatten_context, inner_tensors
 
 def _plain_entry(name: str, tensor: torch.Tensor) -> str:
     tensor = tensor.detach().to("cpu").contiguous()
-    data = memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else b""
+    data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else b""
     return f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|{hashlib.sha256(data).hexdigest()}\n"
 
 

@@ -259,7 +259,7 @@ def _quality_points(rows: list[dict]) -> dict:
         if r["footprint_mib"] and r[column] is not None:
             points.append((label, r["footprint_mib"], r[column]))
         else:
-            unplotted.append(_job(r))
+            unplotted.append(_job(r, 70))
     ylabel = f"{ylabel} ({'higher' if higher else 'lower'} is better)"
     if column == FALLBACK_Y[0]:
         ylabel += "\nno probe figures in this sweep (run it with probe=quick)"
@@ -359,7 +359,7 @@ def _bar_panels(mem, time, rows: list[dict]) -> None:
     time.set_yticks(y, [""] * len(rows))
     time.set_xlabel("seconds")
     for ax in (mem, time):
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1), ncols=2, frameon=False)
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
 
@@ -373,10 +373,13 @@ def plot(rows: list[dict], path: Path, title: str = "qloader sweep") -> dict:
     from matplotlib.figure import Figure
 
     failed = [r for r in rows if r["status"] != "succeeded"]
-    note = [f"{_job(r)}: {r['status']} — {r['error'] or 'no error recorded'}" for r in failed]
+    errors = [" ".join((r["error"] or "no error recorded").split()) for r in failed]
+    note = [
+        f"{_job(r, 70)}: {r['status']} — {e if len(e) < 110 else e[:109] + '…'}"
+        for r, e in zip(failed, errors, strict=True)
+    ]
     drawn = _quality_points(rows)
     note += [f"{job}: succeeded, but has no footprint or {drawn['metric']} to plot" for job in drawn["unplotted"]]
-    note = [_shorten(line.replace("\n", " "), 170) for line in note]
     bars_h = 1.4 + 0.45 * max(len(rows), 1)
     heights = [6, bars_h] + ([0.3 + 0.2 * (len(note) + 1)] if note else [])
     fig = Figure(figsize=(13, sum(heights)), layout="constrained")

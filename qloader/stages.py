@@ -294,7 +294,7 @@ def load(ctx: LoadContext) -> LoadContext:
 
     method = method_of(ctx.quantization_config)
     if ctx.pre_quantized:
-        missing = quant.missing_quant_state(ctx.model, ctx.checkpoint.tensors, ctx.quantization_config)
+        missing = quant.missing_quant_state(ctx.model, ctx.checkpoint.tensors, ctx.quantizer)
         if missing:
             raise CheckpointError(f"pre-quantized checkpoint is incomplete: {'; '.join(missing)}")
     shards = ctx.checkpoint.shards

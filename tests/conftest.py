@@ -11,6 +11,18 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config) -> None:
+    """Every cache the suite writes lives in one folder per session, never in the user's ~/.cache.
+
+    `QLOADER_TEST_CACHE=DIR` reuses a folder across sessions (generated checkpoints, SmolLM2's bf16 copy).
+    """
+    import tempfile
+
+    root = Path(os.environ.get("QLOADER_TEST_CACHE") or tempfile.mkdtemp(prefix="qloader-test-cache-"))
+    for name, sub in (("QLOADER_CACHE", "qloader"), ("HF_HOME", "huggingface"), ("MPLCONFIGDIR", "matplotlib")):
+        os.environ[name] = str(root / sub)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     import torch
 

@@ -119,8 +119,9 @@ class QuantMethod:
 
     # ---------------------------------------------------------------- the model skeleton and the checkpoint
 
-    def quant_state_names(self, module: Any, config: Any) -> tuple[str, ...]:
-        """Tensors a pre-quantized checkpoint must hold beside `module`'s weight (suffixes of the module name)."""
+    def quant_state_names(self, quantizer: Any, name: str, module: Any) -> tuple[str, ...]:
+        """Tensors a pre-quantized checkpoint must hold for the module `name` (suffixes of its name); when any
+        of them or the module's `weight` is in the checkpoint, all of them must be."""
         return ()
 
     def created_keys(self, model: Any) -> set[str]:

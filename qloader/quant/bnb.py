@@ -101,8 +101,9 @@ class Bitsandbytes(QuantMethod):
         method = [row for row in conflicts if row.field in ("load_in_4bit", "load_in_8bit")]
         return method or conflicts  # 4-bit details are moot when the method differs
 
-    def quant_state_names(self, module: Any, config: Any) -> tuple[str, ...]:
+    def quant_state_names(self, quantizer: Any, name: str, module: Any) -> tuple[str, ...]:
         """Tensors bitsandbytes serializes beside a packed weight (transformers' `serialized_names`)."""
+        config = quantizer.quantization_config
         kind = type(module).__name__
         if kind == "Linear8bitLt":
             return ("SCB",)

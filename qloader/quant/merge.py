@@ -101,15 +101,17 @@ def merge_with_checkpoint(saved: dict, user, user_asked: bool, config_json: Path
     return merged, rows
 
 
-def missing_quant_state(model, tensors: dict[str, Path], qconfig, limit: int = 8) -> list[str]:
-    """Quant-state tensors a pre-quantized checkpoint lacks, each named with the shard that holds its weight."""
-    method = method_of(qconfig)
+def missing_quant_state(model, tensors: dict[str, Path], quantizer, limit: int = 8) -> list[str]:
+    """Quant-state tensors a pre-quantized checkpoint lacks, each named with the shard that holds its module's
+    weight (or the module's first tensor that is there). Read from the headers: nothing is materialized."""
+    method = method_of(quantizer.quantization_config)
     missing = []
     for name, module in model.named_modules():
-        weight = f"{name}.weight"
-        for suffix in method.quant_state_names(module, qconfig):
-            if weight in tensors and f"{name}.{suffix}" not in tensors:
-                missing.append(f"{tensors[weight]}: tensor '{name}.{suffix}' is missing")
+        names = method.quant_state_names(quantizer, name, module)
+        present = [f"{name}.{s}" for s in ("weight", *names) if f"{name}.{s}" in tensors]
+        for suffix in names if present else ():
+            if f"{name}.{suffix}" not in tensors:
+                missing.append(f"{tensors[present[0]]}: tensor '{name}.{suffix}' is missing")
     return missing[:limit] + ([f"... and {len(missing) - limit} more"] if len(missing) > limit else [])
 
 

@@ -6,8 +6,10 @@ from typing import Any
 
 from qloader.quant.base import NoQuantConfig, QuantMethod
 from qloader.quant.bnb import Bitsandbytes
+from qloader.quant.quanto import Quanto
+from qloader.quant.torchao import Torchao
 
-METHODS: dict[str, QuantMethod] = {m.quant_method: m for m in (Bitsandbytes(),)}
+METHODS: dict[str, QuantMethod] = {m.quant_method: m for m in (Bitsandbytes(), Torchao(), Quanto())}
 
 
 class OtherMethod(QuantMethod):
