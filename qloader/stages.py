@@ -298,7 +298,7 @@ def load(ctx: LoadContext) -> LoadContext:
         if missing:
             raise CheckpointError(f"pre-quantized checkpoint is incomplete: {'; '.join(missing)}")
     shards = ctx.checkpoint.shards
-    total = len(ctx.model.state_dict())
+    total = len(ctx.checkpoint.tensors)  # the bar counts checkpoint tensors, as `on_batch` does
     with tqdm(total=total, desc=f"load 0/{len(shards)} shards", unit="tensor", leave=False) as bar:
 
         def on_batch(index: int, tensors: int) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from qloader.quant.base import flatten_context, inner_tensors
+
 # The settings each quant option of conf/quant/ stands for, written out independently of qloader.
 MODES = {
     "none": ([], None),
@@ -32,10 +34,63 @@ MODES = {
 MODES["none"] = (["quant=none"], None)
 PROMPT_IDS = torch.tensor([[1, 17, 42, 99, 7, 300, 5, 12]])
 
+# conf/quant/<option>.yaml -> bitsandbytes kwargs (the MODES above, by option name).
+BNB_OPTIONS = {"bnb-nf4": MODES["nf4-dq"][1], "bnb-fp4": MODES["fp4"][1], "bnb-int8": MODES["int8"][1]}
+QUANTO_WEIGHTS = {"quanto-int8": "int8", "quanto-int4": "int4", "quanto-fp8": "float8"}
+TORCHAO_OPTIONS = ("torchao-int8wo", "torchao-int8dq", "torchao-fp8wo", "torchao-int4")
+
 
 def transformers_load(path: Path, bnb_kwargs: dict | None, device_map="auto", dtype=torch.bfloat16):
     # Passing quantization_config=None would erase a pre-quantized checkpoint's own config: omit it.
     extra = {"quantization_config": BitsAndBytesConfig(**bnb_kwargs)} if bnb_kwargs else {}
+    return AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=dtype, **extra)
+
+
+def _weights_on_cuda(device_map) -> bool:
+    """Where transformers will put the weights, as far as picking the torchao int4 config goes."""
+    if not torch.cuda.is_available():
+        return False
+    if isinstance(device_map, dict):
+        return any(d not in ("cpu", "disk") for d in device_map.values())
+    return str(device_map) != "cpu"
+
+
+def option_config(option: str, device_map="auto"):
+    """The transformers quantization config a quant option stands for, written out here in Python
+    (not built from the YAML or qloader's plug-ins); None for quant=none."""
+    from transformers import QuantoConfig, TorchAoConfig
+
+    if option == "none":
+        return None
+    if option in BNB_OPTIONS:
+        return BitsAndBytesConfig(**BNB_OPTIONS[option])
+    if option in QUANTO_WEIGHTS:
+        return QuantoConfig(weights=QUANTO_WEIGHTS[option])
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import (
+        Float8WeightOnlyConfig,
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+    )
+
+    if option == "torchao-int8wo":
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    if option == "torchao-int8dq":
+        return TorchAoConfig(Int8DynamicActivationInt8WeightConfig())
+    if option == "torchao-fp8wo":
+        return TorchAoConfig(Float8WeightOnlyConfig())
+    if option == "torchao-int4":  # CPU int4 off CUDA; torchao's int4 kernel when the weights go to a GPU
+        if _weights_on_cuda(device_map):
+            return TorchAoConfig(Int4WeightOnlyConfig(group_size=64))
+        return TorchAoConfig(PrototypeInt4WeightOnlyConfig(group_size=64))
+    raise ValueError(f"no oracle config for quant option '{option}'")
+
+
+def method_load(path: Path, option: str, device_map="auto", dtype=torch.bfloat16):
+    """Plain `from_pretrained` with the config of `option` (conf/quant/<option>.yaml), built independently."""
+    config = option_config(option, device_map)
+    extra = {"quantization_config": config} if config is not None else {}
     return AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=dtype, **extra)
 
 
@@ -49,8 +104,29 @@ def quant_state_items(param: torch.Tensor) -> dict:
     return items
 
 
+def assert_same_tensor(ours: torch.Tensor, theirs: torch.Tensor, name: str) -> None:
+    """Same type, dtype, device, shape and subclass attributes, and every inner tensor equal with the same dtype.
+
+    A tensor subclass (torchao, optimum-quanto) is compared through its inner tensors (`__tensor_flatten__`):
+    `torch.equal` on the outer tensor may be unsupported, or compare something else than the stored bytes.
+    A plain tensor is its own single inner tensor.
+    """
+    assert type(ours) is type(theirs), f"{name}: {type(ours).__name__} vs {type(theirs).__name__}"
+    assert ours.dtype == theirs.dtype and ours.device == theirs.device, name
+    assert ours.shape == theirs.shape, name
+    assert flatten_context(ours) == flatten_context(theirs), name
+    our_inner, their_inner = list(inner_tensors(ours)), list(inner_tensors(theirs))
+    assert [part for part, _ in our_inner] == [part for part, _ in their_inner], name
+    for (part, mine), (_, other) in zip(our_inner, their_inner, strict=True):
+        where = f"{name}/{part}" if part else name
+        assert type(mine.data) is type(other.data), where
+        assert mine.dtype == other.dtype and mine.shape == other.shape and mine.device == other.device, where
+        assert torch.equal(mine.data, other.data), where
+
+
 def assert_same_weights(ours, theirs) -> None:
-    """Every parameter, buffer and quant-state tensor: torch.equal, same type, dtype and device.
+    """Every state_dict entry, parameter and buffer: same type and subclass attributes, every inner tensor
+    torch.equal with the same dtype and device; bitsandbytes quant states too.
 
     Compare before either model has run a forward: on AVX512-BF16 hosts bitsandbytes repacks a 4-bit
     weight for the CPU on its first forward (and moves int8 `SCB` into the module's state), and its
@@ -62,14 +138,12 @@ def assert_same_weights(ours, theirs) -> None:
     our_state, their_state = ours.state_dict(), theirs.state_dict()  # the serialized form, packed quant states
     assert our_state.keys() == their_state.keys()
     for key, value in our_state.items():
-        assert torch.equal(value, their_state[key]), key
+        assert_same_tensor(value, their_state[key], key)
     our_params, their_params = dict(ours.named_parameters()), dict(theirs.named_parameters())
     assert our_params.keys() == their_params.keys()
     for name, ours_p in our_params.items():
         theirs_p = their_params[name]
-        assert type(ours_p) is type(theirs_p), name
-        assert ours_p.dtype == theirs_p.dtype and ours_p.device == theirs_p.device, name
-        assert torch.equal(ours_p.data, theirs_p.data), name
+        assert_same_tensor(ours_p, theirs_p, name)
         ours_q, theirs_q = quant_state_items(ours_p), quant_state_items(theirs_p)
         assert ours_q.keys() == theirs_q.keys(), name
         for key, value in ours_q.items():
@@ -80,7 +154,7 @@ def assert_same_weights(ours, theirs) -> None:
     our_buffers, their_buffers = dict(ours.named_buffers()), dict(theirs.named_buffers())
     assert our_buffers.keys() == their_buffers.keys()
     for name, buffer in our_buffers.items():
-        assert torch.equal(buffer, their_buffers[name]), name
+        assert_same_tensor(buffer, their_buffers[name], name)
 
 
 def assert_same_logits(ours, theirs, prompt_ids: torch.Tensor = PROMPT_IDS) -> None:

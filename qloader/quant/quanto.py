@@ -50,6 +50,12 @@ class Quanto(QuantMethod):
     def describe(self, config: dict) -> str:
         return f"quanto {config.get('weights')}"
 
+    def check_save(self, quant: DictConfig) -> str | None:
+        return (
+            f"transformers cannot serialize quanto models (quant.weights={quant.weights}); "
+            "use quant=torchao-int8wo or quant=torchao-fp8wo to save"
+        )
+
     def created_keys(self, model: Any) -> set[str]:
         """QLinear's activation scales: the quantizer sets them while loading, no checkpoint has them."""
         return {

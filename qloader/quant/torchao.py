@@ -17,6 +17,14 @@ from omegaconf import MISSING, DictConfig
 
 from qloader.quant.base import QuantConfig, QuantMethod, WeightBytes
 
+# Short names for the manifest and the sweep table; other torchao configs go by their class name.
+NAMES = {
+    "Int8WeightOnlyConfig": "int8 weight-only",
+    "Int8DynamicActivationInt8WeightConfig": "int8 dynamic activation, int8 weight",
+    "Float8WeightOnlyConfig": "float8 weight-only",
+    "PrototypeInt4WeightOnlyConfig": "int4 weight-only (CPU)",
+    "Int4WeightOnlyConfig": "int4 weight-only",
+}
 # Configs whose models torchao 0.18 cannot serialize (no safetensors support for their tensors).
 UNSAVEABLE = ("PrototypeInt4WeightOnlyConfig",)
 
@@ -75,7 +83,7 @@ class Torchao(QuantMethod):
             quant_type = (quant_type.get("default") or {}).get("_type", quant_type.get("_type"))
         elif not isinstance(quant_type, str):
             quant_type = type(quant_type).__name__
-        return f"torchao {quant_type}"
+        return f"torchao {NAMES.get(quant_type, quant_type)}"
 
     def compared_fields(self, saved: dict, user: dict) -> tuple[str, ...]:
         return ("quant_type", "modules_to_not_convert", "include_input_output_embeddings", "untie_embedding_weights")
