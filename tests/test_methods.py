@@ -290,10 +290,12 @@ def test_missing_backend_names_the_extra(option, module, extra, monkeypatch, tmp
 
 @pytest.mark.smollm2
 @pytest.mark.parametrize("option", [*OPTIONS, "bnb-nf4", "bnb-int8"])
-def test_smollm2_plan_within_one_percent(option, smollm2_checkpoint, tmp_path) -> None:
+def test_smollm2_equals_transformers_and_plan_within_one_percent(option, smollm2_checkpoint, tmp_path) -> None:
     overrides = ["model=smollm2-135m", f"quant={option}"]
     plan = qloader.load([*overrides, "mode=plan"], run_dir=tmp_path / "plan").manifest["plan"]["footprint_bytes"]
-    measured = qloader.load(overrides, run_dir=tmp_path / "load").manifest["model"]["footprint_bytes"]
+    result = qloader.load(overrides, run_dir=tmp_path / "load")
+    measured = result.manifest["model"]["footprint_bytes"]
     error = (plan - measured) / measured
     print(f"\n{option}: plan {plan} measured {measured} error {100 * error:+.4f} %")
     assert abs(error) <= 0.01
+    assert_same_model(result.model, method_load(smollm2_checkpoint, option))
