@@ -152,13 +152,10 @@ def instantiate_quantizer(ctx: LoadContext) -> LoadContext:
 
     try:
         quantizer = AutoHfQuantizer.from_config(ctx.quantization_config, pre_quantized=ctx.pre_quantized)
+        dtype = quantizer.update_dtype(ctx.dtype)  # a method may refuse the dtype (higgs and fp32)
     except ValueError as e:
         raise ConfigError([f"quantization config: {e}"]) from e
-    return ctx.next(
-        quantizer=quantizer,
-        dtype=quantizer.update_dtype(ctx.dtype),
-        hf_config=quantizer.update_attn_implementation(ctx.hf_config),
-    )
+    return ctx.next(quantizer=quantizer, dtype=dtype, hf_config=quantizer.update_attn_implementation(ctx.hf_config))
 
 
 def validate(ctx: LoadContext) -> LoadContext:

@@ -6,10 +6,11 @@ from typing import Any
 
 from qloader.quant.base import NoQuantConfig, QuantMethod
 from qloader.quant.bnb import Bitsandbytes
+from qloader.quant.gpu import GPU_METHODS
 from qloader.quant.quanto import Quanto
 from qloader.quant.torchao import Torchao
 
-METHODS: dict[str, QuantMethod] = {m.quant_method: m for m in (Bitsandbytes(), Torchao(), Quanto())}
+METHODS: dict[str, QuantMethod] = {m.quant_method: m for m in (Bitsandbytes(), Torchao(), Quanto(), *GPU_METHODS)}
 
 
 class OtherMethod(QuantMethod):
