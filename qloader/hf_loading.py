@@ -11,11 +11,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, convert_and_load_state_dict_in_model
 from transformers.integrations.accelerate import (
@@ -35,22 +36,178 @@ from transformers.utils import logging as hf_logging
 from transformers.utils.loading_report import LoadStateDictInfo
 
 from qloader.checkpoint import Checkpoint
-from qloader.errors import CheckpointError
+from qloader.errors import CheckpointError, ConfigError
+
+TASKS: dict[str, str] = {
+    "causal-lm": "AutoModelForCausalLM",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "masked-lm": "AutoModelForMaskedLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "speech-seq2seq": "AutoModelForSpeechSeq2Seq",
+    "image-text-to-text": "AutoModelForImageTextToText",
+    "base": "AutoModel",
+}
+"""`model.task` -> the transformers Auto class whose own model mapping picks the class (`auto` aside)."""
+FALLBACK_TASK = "causal-lm"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model class a load builds, and how it was chosen."""
+
+    cls: type[PreTrainedModel]
+    task: str | None
+    """The task whose Auto class gives `cls` ('causal-lm', ...); None for a class config.json names that no
+    task's Auto class builds for this config (e.g. BertForPreTraining)."""
+    requested: str
+    """`model.task` as asked ('auto' included)."""
+    auto_class: str | None
+    """The transformers Auto class that gives the same class (`AutoModelForSeq2SeqLM`), when there is one."""
+    architecture: str | None
+    """The first class config.json `architectures` names (None when it names none)."""
+    chosen_by: str = "model.task"
+    """How: 'model.task' (an explicit task), 'architectures' (auto: config.json names it), 'fallback' (auto:
+    the causal-LM class, config.json names no class transformers has), or 'auto_map' (the checkpoint's own
+    code, model.trust_remote_code=true)."""
+
+    @property
+    def disagreement(self) -> str | None:
+        """What to tell a user whose model.task builds another class than config.json names; None if they agree."""
+        if self.architecture is None or self.cls.__name__ == self.architecture or self.requested == "auto":
+            return None
+        return (
+            f"config.json architectures names {self.architecture}, "
+            f"but model.task={self.requested} builds {self.cls.__name__}"
+        )
+
+    def suggestion(self, config: PreTrainedConfig) -> str:
+        """'use model.task=X (or model.task=auto)' for the task that builds config.json's class."""
+        task = task_of(config, self.architecture) if self.architecture else None
+        return f"use model.task={task} (or model.task=auto)" if task else "use model.task=auto"
+
+
+def _auto_class(task: str):
+    import transformers
+
+    return getattr(transformers, TASKS[task])
+
+
+def _mapped_class(config: PreTrainedConfig, task: str) -> type[PreTrainedModel] | None:
+    """The class the task's Auto class maps this config to (transformers' own mapping), or None."""
+    try:
+        return _get_model_class(config, _auto_class(task)._model_mapping)
+    except (KeyError, ValueError):
+        return None
+
+
+def tasks_for(config: PreTrainedConfig) -> list[str]:
+    """Every task whose Auto class has a model class for this config."""
+    return [task for task in TASKS if _mapped_class(config, task) is not None]
+
+
+def task_of(config: PreTrainedConfig, class_name: str) -> str | None:
+    """The first task whose Auto class builds `class_name` for this config (config.json architectures)."""
+    return next((t for t in TASKS if getattr(_mapped_class(config, t), "__name__", None) == class_name), None)
+
+
+def _remote_class(config: PreTrainedConfig, reference: str) -> type[PreTrainedModel]:
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    return get_class_from_dynamic_module(reference, config._name_or_path)
+
+
+def _named_class(config: PreTrainedConfig, name: str) -> type[PreTrainedModel] | None:
+    """transformers' class of that name, when it is a model class for this config."""
+    import transformers
+
+    try:
+        cls = getattr(transformers, name, None)
+    except (ImportError, RuntimeError):  # a class whose optional dependency is missing
+        return None
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        return None
+    return cls if isinstance(config, getattr(cls, "config_class", None) or PreTrainedConfig) else None
+
+
+def _choices_text(config: PreTrainedConfig, architecture: str | None = None) -> str:
+    """'model.task=seq2seq-lm (the task of T5ForConditionalGeneration)', else every task that has a class."""
+    if architecture and (task := task_of(config, architecture)):
+        return f"model.task={task} (the task of {architecture})"
+    tasks = tasks_for(config)
+    if not tasks:
+        return "a model.task whose Auto class has a class for it (none of qloader's tasks has)"
+    return "one of " + ", ".join(f"model.task={t}" for t in tasks)
+
+
+def model_class(config: PreTrainedConfig, task: str = "auto", trust_remote_code: bool = False) -> ModelChoice:
+    """The class to build for `model.task`, from transformers' own Auto class mappings.
+
+    `auto`: the class config.json `architectures` names, else the causal-LM class. Any other task: the class
+    that task's Auto class picks for this config (`AutoModelForSeq2SeqLM` for seq2seq-lm). With
+    trust_remote_code, the config's `auto_map` entry for that Auto class wins, as in `from_pretrained`.
+    """
+    task = getattr(task, "value", task)
+    auto_map = (getattr(config, "auto_map", None) or {}) if trust_remote_code else {}
+    architecture = next(iter(getattr(config, "architectures", None) or []), None)
+    model_type = getattr(config, "model_type", None)
+
+    def chosen(cls, task_name: str | None, how: str) -> ModelChoice:
+        auto = TASKS.get(task_name) if task_name else None
+        return ModelChoice(cls, task_name, task, auto, architecture, how)
+
+    if task != "auto":
+        if TASKS[task] in auto_map:
+            return chosen(_remote_class(config, auto_map[TASKS[task]]), task, "auto_map")
+        if (cls := _mapped_class(config, task)) is not None:
+            return chosen(cls, task, "model.task")
+        named = f"; config.json architectures names {architecture}" if architecture else ""
+        raise ConfigError(
+            [
+                f"model.task={task}: transformers' {TASKS[task]} has no class for config.json model_type "
+                f"'{model_type}'{named}; use {_choices_text(config, architecture)} or model.task=auto"
+            ]
+        )
+    if architecture is not None:
+        by_name = {ref.rsplit(".", 1)[-1]: (key, ref) for key, ref in auto_map.items()}
+        if architecture in by_name:  # the checkpoint's own class, by the name config.json gives it
+            key, ref = by_name[architecture]
+            owner = next((t for t, auto in TASKS.items() if auto == key), None)
+            return chosen(_remote_class(config, ref), owner, "auto_map")
+        if (owner := task_of(config, architecture)) is not None:
+            if TASKS[owner] in auto_map:
+                return chosen(_remote_class(config, auto_map[TASKS[owner]]), owner, "auto_map")
+            return chosen(_mapped_class(config, owner), owner, "architectures")
+        if (cls := _named_class(config, architecture)) is not None:
+            return chosen(cls, None, "architectures")
+    if TASKS[FALLBACK_TASK] in auto_map:
+        return chosen(_remote_class(config, auto_map[TASKS[FALLBACK_TASK]]), FALLBACK_TASK, "auto_map")
+    if (cls := _mapped_class(config, FALLBACK_TASK)) is not None:
+        return chosen(cls, FALLBACK_TASK, "fallback")
+    names = f"names {architecture}, which transformers does not have" if architecture else "names no architectures"
+    raise CheckpointError(
+        f"config.json (model_type '{model_type}') {names}, and model_type '{model_type}' has no causal-LM class "
+        f"in transformers; set {_choices_text(config)}"
+    )
 
 
 def causal_lm_class(config: PreTrainedConfig, trust_remote_code: bool = False) -> type[PreTrainedModel]:
     """The class `AutoModelForCausalLM` would pick for this config (its `auto_map` class if trusted)."""
-    auto_map = getattr(config, "auto_map", None) or {}
-    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
-        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    return model_class(config, FALLBACK_TASK, trust_remote_code).cls
 
-        return get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], config._name_or_path)
-    try:
-        return _get_model_class(config, AutoModelForCausalLM._model_mapping)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(
-            f"config.json model_type '{config.model_type}' has no causal-LM class in transformers"
-        ) from e
+
+def not_converted(name: str, quantizer) -> bool:
+    """The module is on the quantizer's `modules_to_not_convert` (transformers' own pattern matching)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    patterns = getattr(quantizer, "modules_to_not_convert", None)
+    return bool(patterns) and not should_convert_module(name, patterns)
+
+
+def available_memory() -> dict[str, int]:
+    """device -> bytes, as accelerate measures them when `max_memory` is not given."""
+    return {str(device): int(size) for device, size in get_max_memory(None).items()}
 
 
 def resolve_dtype(name: str, checkpoint: Checkpoint, config: PreTrainedConfig) -> torch.dtype:
@@ -65,6 +222,30 @@ def normalize_device_map(request: str | dict) -> str | dict:
     return check_and_set_device_map(request)
 
 
+@dataclass(frozen=True)
+class SourceFacts:
+    """The skeleton as transformers defines it, before the quantizer swaps modules: what the checkpoint holds."""
+
+    shapes: dict[str, tuple[int, ...]]
+    """state_dict key -> shape: the checkpoint-side shape (a GPT-2 Conv1D weight is [in, out] here, while the
+    quantized skeleton holds the transposed Linear4bit)."""
+    parameters: int
+    """Logical parameter count, tied weights once (a 4-bit weight's stored tensor holds half as many elements)."""
+    bytes: int
+    """Parameters and buffers at the skeleton's dtype, tied weights once: the unquantized footprint."""
+
+
+def _source_facts(model: PreTrainedModel) -> SourceFacts:
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    params = [p for name, p in model.named_parameters() if name not in tied]
+    buffers = list(model.buffers())
+    return SourceFacts(
+        shapes={key: tuple(t.shape) for key, t in model.state_dict().items()},
+        parameters=sum(p.numel() for p in params),
+        bytes=sum(t.numel() * t.element_size() for t in params + buffers),
+    )
+
+
 def build_skeleton(
     model_cls: type[PreTrainedModel],
     config: PreTrainedConfig,
@@ -72,14 +253,16 @@ def build_skeleton(
     quantizer,
     device_map_request: str | dict | None,
     checkpoint: Checkpoint,
-) -> PreTrainedModel:
-    """The model on the meta device, with quantized modules swapped in (no weights touched)."""
+) -> tuple[PreTrainedModel, SourceFacts]:
+    """The model on the meta device, with quantized modules swapped in (no weights touched), and the facts
+    of the skeleton as it was before the swap."""
     config = copy.deepcopy(config)
     config.name_or_path = str(checkpoint.path)
     init = model_cls.get_init_context(dtype, quantizer is not None, False, None)
     with ContextManagers(init):
         model = model_cls(config)
         patch_output_recorders(model)
+        facts = _source_facts(model)
         if quantizer is not None:
             quantizer.preprocess_model(
                 model=model,
@@ -88,7 +271,7 @@ def build_skeleton(
                 checkpoint_files=[str(s) for s in checkpoint.shards],
                 use_kernels=False,
             )
-    return model
+    return model, facts
 
 
 def infer_device_map(model: PreTrainedModel, strategy: str, max_memory: dict | None, quantizer) -> dict:

@@ -143,7 +143,13 @@ def check_remote_code(config_json: Path, trusted: bool) -> None:
 
 
 def check_tensors_fit_model(
-    model, shapes: dict[str, tuple[int, ...]], weight_mapping, quantizer, where: Path, created: set[str] = frozenset()
+    model,
+    shapes: dict[str, tuple[int, ...]],
+    weight_mapping,
+    quantizer,
+    where: Path,
+    created: set[str] = frozenset(),
+    source_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> None:
     """Every weight the model needs is in the checkpoint, nothing else is, and shapes agree.
 
@@ -151,6 +157,10 @@ def check_tensors_fit_model(
     tied weights and the model's own ignore patterns are exempt, as in `from_pretrained`. Read from
     the headers only: nothing is materialized, and nothing is ever randomly initialized unnoticed.
     `created` are the keys the quantizer makes itself while loading (optimum-quanto's activation scales).
+    `source_shapes` are the skeleton's shapes before the quantizer swapped its modules: the shapes a
+    checkpoint holds, which the quantizer then converts (a GPT-2 Conv1D weight is stored [in, out] and
+    transposed into a Linear4bit [out, in]); shapes are compared against them when given, except for a
+    pre-quantized checkpoint, which holds the quantized layout.
     """
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     from transformers.utils.loading_report import LoadStateDictInfo
@@ -172,8 +182,11 @@ def check_tensors_fit_model(
             continue
         found.add(target)
         packed = pre_quantized and quantizer.param_needs_quantization(model, target)
-        if pattern is None and not packed and tuple(expected[target].shape) != shape:
-            mismatched.append(f"{key}: checkpoint {list(shape)}, model {list(expected[target].shape)}")
+        # a pre-quantized checkpoint holds the quantized layout; any other, the model's own (source) layout
+        source = None if pre_quantized else (source_shapes or {}).get(target)
+        wanted = source or tuple(expected[target].shape)
+        if pattern is None and not packed and wanted != shape:
+            mismatched.append(f"{key}: checkpoint {list(shape)}, model {list(wanted)}")
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     info = LoadStateDictInfo(
         missing_keys=set(expected) - found - tied - set(created),

@@ -29,7 +29,8 @@ def _now() -> str:
 
 
 def resolved_config(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
+    """Plain values throughout: an Enum-typed field (model.task) as its name, which is its value."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
 def config_hash(config: dict) -> str:
@@ -86,8 +87,13 @@ def _plain(value: Any) -> Any:
     return getattr(value, "value", value)
 
 
+def _plain_dict(config: dict) -> dict:
+    return {key: _plain(value) for key, value in config.items()}
+
+
 def _quantization_section(ctx) -> dict | None:
     from qloader.quant.merge import describe
+    from qloader.quant.registry import method_of
 
     if ctx.checkpoint is None:
         return None
@@ -95,12 +101,25 @@ def _quantization_section(ctx) -> dict | None:
     return {
         "method": "none" if qconfig is None else _plain(qconfig.quant_method),
         "description": describe(qconfig),
-        "config": None if qconfig is None else {key: _plain(value) for key, value in qconfig.to_dict().items()},
+        "config": None if qconfig is None else _plain_dict(method_of(qconfig).config_dict(qconfig)),
         "quantizer": None if ctx.quantizer is None else type(ctx.quantizer).__name__,
         "pre_quantized": ctx.pre_quantized,
         "choice": ctx.quant_choice,
         "kernel": None if ctx.kernel is None else ctx.kernel.as_dict(),
         "merge": [row.__dict__ for row in ctx.merge],
+    }
+
+
+def model_choice_section(choice) -> dict:
+    """The task and class model.task chose (hf_loading.ModelChoice), for the `model` and `plan` sections."""
+    if choice is None:
+        return {"task": None, "requested_task": None, "auto_class": None, "architecture": None, "chosen_by": None}
+    return {
+        "task": choice.task,
+        "requested_task": choice.requested,
+        "auto_class": choice.auto_class,
+        "architecture": choice.architecture,
+        "chosen_by": choice.chosen_by,
     }
 
 
@@ -110,17 +129,27 @@ def _model_section(ctx) -> dict | None:
         return None
     return {
         "class": inv.model_class,
+        **model_choice_section(ctx.model_choice),
         "dtype": str(ctx.dtype).removeprefix("torch."),
         "parameters": inv.parameters,
+        "stored_elements": inv.stored_elements,
+        "quantized_parameters": inv.quantized_parameters,
         "footprint_bytes": inv.footprint_bytes,
         "quantized_modules": inv.quantized_count,
         "quantized_module_classes": inv.quantized_modules,
         "skipped_modules": inv.skipped_modules,
+        "kept": [group.as_dict() for group in inv.kept],
         "missing_keys": inv.missing_keys,
         "unexpected_keys": inv.unexpected_keys,
         "finite_check": ctx.finite_check,
         "device_map": _device_map_json(ctx.device_map),
     }
+
+
+def _plan_section(ctx) -> dict:
+    choice = ctx.model_choice
+    model_class = None if choice is None else choice.cls.__name__
+    return {"class": model_class, **model_choice_section(choice), **ctx.plan.as_dict()}
 
 
 class RunManifest:
@@ -181,7 +210,7 @@ class RunManifest:
             checkpoint=_checkpoint_section(ctx.checkpoint),
             quantization=_quantization_section(ctx),
             environment=ctx.environment or None,
-            plan=None if ctx.plan is None else ctx.plan.as_dict(),
+            plan=None if ctx.plan is None else _plan_section(ctx),
             model=_model_section(ctx),
             weights_fingerprint=None if ctx.inventory is None else ctx.inventory.weights_fingerprint,
             saved=_checkpoint_section(ctx.saved),

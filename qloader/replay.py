@@ -30,7 +30,11 @@ def _settings_added_since() -> dict:
 
     return {
         "validate": asdict(ValidateConfig()),
-        "model": {"allow_pickle": ModelConfig.allow_pickle, "trust_remote_code": ModelConfig.trust_remote_code},
+        "model": {
+            "allow_pickle": ModelConfig.allow_pickle,
+            "trust_remote_code": ModelConfig.trust_remote_code,
+            "task": ModelConfig.task.value,
+        },
         "device_map": {"offload_folder": DeviceMapConfig.offload_folder},
     }
 

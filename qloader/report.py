@@ -18,6 +18,8 @@ COLUMNS = [
     "job",
     "overrides",
     "status",
+    "model_class",
+    "task",
     "quantization",
     "footprint_mib",
     "compression",
@@ -67,6 +69,8 @@ def _row(job_dir: Path) -> dict:
     row.update(
         overrides=" ".join(m["overrides"]),
         status=m["status"],
+        model_class=(m["model"] or m.get("plan") or {}).get("class"),
+        task=(m["model"] or m.get("plan") or {}).get("task"),
         quantization=(m["quantization"] or {}).get("description"),
         footprint_mib=_mib((m["model"] or {}).get("footprint_bytes")),
         load_s=round(sum(s["wall_s"] for s in m["stages"]), 3),

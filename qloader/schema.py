@@ -9,7 +9,8 @@ YAML options.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, Literal, get_args
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -18,6 +19,25 @@ from qloader.quant.base import QuantConfig
 from qloader.quant.registry import schemas as quant_schemas
 
 # ---------------------------------------------------------------- model: where the checkpoint comes from
+
+TaskName = Literal[
+    "auto",
+    "causal-lm",
+    "seq2seq-lm",
+    "masked-lm",
+    "sequence-classification",
+    "token-classification",
+    "question-answering",
+    "speech-seq2seq",
+    "image-text-to-text",
+    "base",
+]
+"""`model.task`: which transformers Auto class picks the model class (see `qloader.hf_loading.TASKS`)."""
+
+# OmegaConf 2.3 rejects `Literal` annotations, so the field is typed with a str-valued Enum built from the
+# Literal: a bad value then fails while the config is composed, and OmegaConf's message lists every
+# allowed value. Members compare equal to their strings and serialize (JSON, YAML) as them.
+Task = Enum("Task", [(name, name) for name in get_args(TaskName)], type=str)
 
 
 @dataclass
@@ -30,6 +50,11 @@ class ModelConfig:
     """Read `pytorch_model.bin` weights (only with torch.load(weights_only=True)); off: refuse them."""
     trust_remote_code: bool = False
     """Run the modeling code a checkpoint names in config.json `auto_map`; off: refuse such checkpoints."""
+    task: Task = Task["auto"]
+    """Which model class to build: auto (the class config.json `architectures` names, else the causal-LM
+    class), causal-lm, seq2seq-lm, masked-lm, sequence-classification, token-classification,
+    question-answering, speech-seq2seq, image-text-to-text, or base (AutoModel). Each maps to the
+    transformers Auto class of that name; with trust_remote_code, to the config's `auto_map` entry for it."""
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 from qloader.errors import CheckpointError
 
 # `model` fields that are qloader settings rather than arguments of the model source.
-MODEL_SETTINGS = ("expected_sha256", "allow_pickle", "trust_remote_code")
+MODEL_SETTINGS = ("expected_sha256", "allow_pickle", "trust_remote_code", "task")
 
 
 def checkpoint_folder(model) -> Path:

@@ -49,6 +49,8 @@ class LoadContext:
     # resolve
     checkpoint: Checkpoint | None = None
     hf_config: Any = None
+    model_choice: Any = None
+    """hf_loading.ModelChoice: the class model.task picks, and why."""
     quantization_config: Any = None
     pre_quantized: bool = False
     merge: list = field(default_factory=list)
@@ -62,6 +64,8 @@ class LoadContext:
     device_map_request: Any = None
     device_map: dict | None = None
     offload_folder: Path | None = None
+    source: Any = None
+    """hf_loading.SourceFacts: the skeleton before the quantizer's swaps (checkpoint-side shapes, logical size)."""
     # preprocess
     model: Any = None
     load_config: Any = None
@@ -117,6 +121,13 @@ def resolve(ctx: LoadContext) -> LoadContext:
         hf_config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{checkpoint.path / 'config.json'}: {e}") from e
+    choice = hf_loading.model_class(hf_config, model.task, model.trust_remote_code)
+    if choice.disagreement:
+        log.warning("%s", choice.disagreement)
+    if ctx.cfg.probe.enabled:
+        from qloader.probe import check_probe_task
+
+        check_probe_task(choice)
     user_qconfig = quant.build_quantization_config(ctx.cfg.quant, devices.weights_device(ctx.cfg.device_map))
     qconfig, merge = user_qconfig, []
     saved = getattr(hf_config, "quantization_config", None)
@@ -131,15 +142,20 @@ def resolve(ctx: LoadContext) -> LoadContext:
             log.warning(
                 "quant.%s: checkpoint %r, requested %r -> using %r", row.field, row.checkpoint, row.user, row.used
             )
+    quant_choice = None if qconfig is None else method_of(qconfig).choice(qconfig)
+    if saved is None and qconfig is not None and method_of(qconfig).calibrates:  # on the fly: its calibration data
+        calibration = method_of(qconfig).calibration(qconfig, ctx.cfg.quant, checkpoint.path)
+        quant_choice = {**(quant_choice or {}), **(calibration or {})} or None
     name = DTYPE_NAMES.get(ctx.cfg.dtype.name, ctx.cfg.dtype.name)
     dtype = hf_loading.resolve_dtype(name, checkpoint, hf_config)
     return ctx.next(
         checkpoint=checkpoint,
         hf_config=hf_config,
+        model_choice=choice,
         quantization_config=qconfig,
         pre_quantized=saved is not None,
         merge=merge,
-        quant_choice=None if qconfig is None else method_of(qconfig).choice(qconfig),
+        quant_choice=quant_choice,
         dtype=dtype,
     )
 
@@ -218,8 +234,10 @@ def device_map(ctx: LoadContext) -> LoadContext:
         return ctx.next(device_map_request=request, device_map=request, offload_folder=offload_folder)
     # Sizing needs the quantized skeleton (4-bit modules weigh half a byte per weight): build it on
     # the meta device here; `preprocess` goes on with it.
-    model_cls = hf_loading.causal_lm_class(ctx.hf_config, ctx.cfg.model.trust_remote_code)
-    sizing = hf_loading.build_skeleton(model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.checkpoint)
+    model_cls = ctx.model_choice.cls
+    sizing, source = hf_loading.build_skeleton(
+        model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.checkpoint
+    )
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
     final = hf_loading.infer_device_map(sizing, request, max_memory, ctx.quantizer)
     if (on_disk := _on_disk(final)) and offload_folder is None:
@@ -229,7 +247,9 @@ def device_map(ctx: LoadContext) -> LoadContext:
             ctx.quantizer.validate_environment(device_map=final)
         except ValueError as e:
             raise DeviceMapError(f"device_map '{request}' -> {final}: {e}") from e
-    return ctx.next(device_map_request=request, device_map=final, offload_folder=offload_folder, model=sizing)
+    return ctx.next(
+        device_map_request=request, device_map=final, offload_folder=offload_folder, model=sizing, source=source
+    )
 
 
 def _on_disk(device_map: dict) -> list[str]:
@@ -244,15 +264,25 @@ def _check_disk(device_map: dict, offload_folder: Path | None, what: str) -> Non
 
 
 def _does_not_fit(ctx: LoadContext, sizing, request: str, max_memory: dict | None, unplaced: list[str]) -> str:
+    from qloader import hf_loading
     from qloader.plan import budgets_in_bytes, estimate
     from qloader.summary import mib
 
     method = method_of(ctx.quantization_config)
     need = estimate(sizing, {"": "cpu"}, 0, None, method, ctx.quantizer).footprint_bytes
-    have = sum(budgets_in_bytes(max_memory).values())
+    if max_memory:
+        have = sum(budgets_in_bytes(max_memory).values())
+        budget = f"with max_memory {max_memory}: the model does not fit; it needs about {mib(need)} and the budget"
+    else:  # accelerate measured the devices: say what it found, not 'a budget of 0'
+        found = hf_loading.available_memory()
+        have = sum(found.values())
+        where = ", ".join(f"{device} {mib(size)}" for device, size in found.items())
+        budget = (
+            f"with no max_memory set: the model does not fit the memory available ({where}); it needs about "
+            f"{mib(need)} and the available memory"
+        )
     return (
-        f"device_map '{request}' with max_memory {max_memory}: the model does not fit; it needs about {mib(need)}"
-        f" and the budget allows {mib(have)} (short by {mib(max(need - have, 0))}). "
+        f"device_map '{request}' {budget} allows {mib(have)} (short by {mib(max(need - have, 0))}). "
         f"{len(unplaced)} module(s) could not be placed: {', '.join(m or '(the whole model)' for m in unplaced[:8])}. "
         "Raise max_memory; qloader offloads to disk only when device_map.offload_folder is set"
     )
@@ -264,23 +294,41 @@ def preprocess(ctx: LoadContext) -> LoadContext:
     from qloader import hf_loading
     from qloader.plan import estimate
 
-    model = ctx.model  # `device_map` built it to size the model, from the same arguments
+    model, source = ctx.model, ctx.source  # `device_map` built it to size the model, from the same arguments
     if model is None:
-        model_cls = hf_loading.causal_lm_class(ctx.hf_config, ctx.cfg.model.trust_remote_code)
-        model = hf_loading.build_skeleton(
-            model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, ctx.device_map_request, ctx.checkpoint
+        model, source = hf_loading.build_skeleton(
+            ctx.model_choice.cls, ctx.hf_config, ctx.dtype, ctx.quantizer, ctx.device_map_request, ctx.checkpoint
         )
     load_config = hf_loading.load_state_config(
         model, ctx.checkpoint, ctx.device_map, ctx.dtype, ctx.quantizer, ctx.offload_folder
     )
     method = method_of(ctx.quantization_config)
     created = set() if method is None or ctx.pre_quantized else method.created_keys(model)
-    integrity.check_tensors_fit_model(
-        model, ctx.checkpoint.shapes, load_config.weight_mapping, ctx.quantizer, ctx.checkpoint.path, created
-    )
+    try:
+        integrity.check_tensors_fit_model(
+            model,
+            ctx.checkpoint.shapes,
+            load_config.weight_mapping,
+            ctx.quantizer,
+            ctx.checkpoint.path,
+            created,
+            source.shapes,
+        )
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(_with_task_hint(str(e), ctx)) from e
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
-    plan = estimate(model, ctx.device_map, ctx.checkpoint.largest_shard_bytes, max_memory, method, ctx.quantizer)
-    return ctx.next(model=model, load_config=load_config, plan=plan)
+    plan = estimate(
+        model, ctx.device_map, ctx.checkpoint.largest_shard_bytes, max_memory, method, ctx.quantizer, source
+    )
+    return ctx.next(model=model, source=source, load_config=load_config, plan=plan)
+
+
+def _with_task_hint(message: str, ctx: LoadContext) -> str:
+    """A mismatch message, with what to change when model.task built another class than config.json names."""
+    choice = ctx.model_choice
+    if choice is None or not choice.disagreement:
+        return message
+    return f"{message}. {choice.disagreement}: {choice.suggestion(ctx.hf_config)}"
 
 
 def load(ctx: LoadContext) -> LoadContext:
@@ -321,15 +369,18 @@ def postprocess(ctx: LoadContext) -> LoadContext:
     except RuntimeError as e:  # transformers' own load report: size mismatches, conversion errors
         raise LoadError(f"{ctx.checkpoint.path}: {e}") from e
     if info.missing_keys or info.unexpected_keys:  # `preprocess` checked the headers; this checks the load itself
-        raise CheckpointMismatchError(
+        message = (
             f"{ctx.checkpoint.path}: loading left {len(info.missing_keys)} weight(s) missing "
             f"({integrity.listing(info.missing_keys)}) and {len(info.unexpected_keys)} unexpected "
             f"({integrity.listing(info.unexpected_keys)})"
         )
+        raise CheckpointMismatchError(_with_task_hint(message, ctx))
     offloaded = hf_loading.offloaded_weights(ctx.load_config, ctx.offload_index)
     method = method_of(ctx.quantization_config)
     finite_check = _check_finite(ctx.model, ctx.cfg.validate, ctx.checkpoint, offloaded, method)
-    inventory = take_inventory(ctx.model, info, offloaded, ctx.cfg.validate.fingerprint, method)
+    inventory = take_inventory(
+        ctx.model, info, offloaded, ctx.cfg.validate.fingerprint, method, ctx.source.parameters, ctx.quantizer
+    )
     return ctx.next(finite_check=finite_check, inventory=inventory)
 
 
@@ -348,15 +399,35 @@ def _check_finite(model, validate_cfg: DictConfig, checkpoint: Checkpoint, offlo
 
 def save(ctx: LoadContext) -> LoadContext:
     """Optional, after the seven: write the loaded model as a checkpoint plain `from_pretrained` reads."""
+    method = method_of(ctx.quantization_config)
+    if method is not None and (why := method.check_save_model(ctx.model)):
+        raise ConfigError([f"save.enabled=true: {why}; load without saving (save.enabled=false)"])
+    if method is not None and (note := method.save_note(ctx.model)):
+        log.info("save: %s", note)
     saved = checkpoint_writer.save_checkpoint(ctx.model, ctx.checkpoint.path, ctx.cfg.save)
     return ctx.next(saved=saved)
 
 
 def probe(ctx: LoadContext) -> LoadContext:
     """Optional, last: fidelity of the loaded model (perplexity, agreement and KL vs unquantized, a sample)."""
+    from qloader.inventory import footprint_bytes
     from qloader.probe import run_probe
+    from qloader.summary import mib
 
-    return ctx.next(probe=run_probe(ctx.model, ctx.checkpoint, ctx.dtype, ctx.pre_quantized, ctx.cfg.probe))
+    result = run_probe(ctx.model, ctx.checkpoint, ctx.dtype, ctx.pre_quantized, ctx.cfg.probe, ctx.model_choice)
+    # The probe's forward pass may change what the weights occupy (compressed-tensors decompresses the
+    # whole model on its first forward): record the storage really held after it.
+    method = method_of(ctx.quantization_config)
+    after = footprint_bytes(ctx.model, method)
+    result["footprint_after_bytes"] = after
+    if ctx.inventory is not None and after != ctx.inventory.footprint_bytes:
+        log.warning(
+            "probe: the forward pass changed the weights' storage from %s to %s%s",
+            mib(ctx.inventory.footprint_bytes),
+            mib(after),
+            f" ({note})" if method is not None and (note := method.save_note(ctx.model)) else "",
+        )
+    return ctx.next(probe=result)
 
 
 STAGES = (resolve, instantiate_quantizer, validate, device_map, preprocess, load, postprocess)

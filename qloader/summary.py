@@ -10,13 +10,19 @@ def mib(n: int | None) -> str:
 def render(manifest: dict) -> str:
     model, quant = manifest["model"], manifest["quantization"]
     kinds = ", ".join(f"{n} {cls}" for cls, n in model["quantized_module_classes"].items()) or "none"
+    share = ""
+    if model["quantized_modules"] and model["parameters"]:
+        share = f"; {100 * model['quantized_parameters'] / model['parameters']:.1f} % of the parameters"
+    plan = manifest["plan"]
+    compression = f", {plan['compression']}x smaller than unquantized" if plan.get("compression") else ""
     lines = [
         f"qloader: loaded {model['class']} from {manifest['checkpoint']['path']}",
+        f"  task           {_task(model)}",
         f"  quantization   {quant['description']}{' (pre-quantized)' if quant['pre_quantized'] else ''}",
-        f"  quantized      {model['quantized_modules']} modules ({kinds})",
-        f"  kept           {', '.join(model['skipped_modules']) or 'none'}",
+        f"  quantized      {model['quantized_modules']} modules ({kinds}){share}",
+        *_kept_lines(model, quant),
         f"  footprint      {mib(model['footprint_bytes'])} ({model['parameters']:,} parameters, {model['dtype']});"
-        f" planned {mib(manifest['plan']['footprint_bytes'])}",
+        f" planned {mib(plan['footprint_bytes'])}{compression}",
         f"  device_map     {model['device_map']}",
         "",
         f"  {'stage':<12}{'wall_s':>9}{'peak RSS':>14}{'peak anon':>14}",
@@ -38,3 +44,26 @@ def render(manifest: dict) -> str:
         lines.append(f"  saved          {manifest['saved']['path']}")
     lines.append(f"  manifest       {manifest['run_dir']}/manifest.json")
     return "\n".join(lines)
+
+
+def _task(model: dict) -> str:
+    """'seq2seq-lm (AutoModelForSeq2SeqLM; model.task=auto, config.json architectures)'."""
+    task = model.get("task") or "-"
+    how = f"model.task={model.get('requested_task')}"
+    by = {"architectures": "config.json architectures", "fallback": "causal-LM fallback", "auto_map": "auto_map"}
+    if model.get("chosen_by") in by:
+        how += f", {by[model['chosen_by']]}"
+    return f"{task} ({model['auto_class']}; {how})" if model.get("auto_class") else f"{task} ({how})"
+
+
+def _kept_lines(model: dict, quant: dict) -> list[str]:
+    """One line per group of modules left unquantized, with the reason."""
+    if quant["method"] == "none":
+        return ["  kept           everything (quant=none)"]
+    groups = model.get("kept") or []
+    if not groups:
+        return ["  kept           none"]
+    return [
+        f"  {'kept' if i == 0 else '':<15}{g['modules']} ({g['module_class']}: {g['reason']})"
+        for i, g in enumerate(groups)
+    ]

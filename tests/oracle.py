@@ -40,10 +40,16 @@ QUANTO_WEIGHTS = {"quanto-int8": "int8", "quanto-int4": "int4", "quanto-fp8": "f
 TORCHAO_OPTIONS = ("torchao-int8wo", "torchao-int8dq", "torchao-fp8wo", "torchao-int4")
 
 
-def transformers_load(path: Path, bnb_kwargs: dict | None, device_map="auto", dtype=torch.bfloat16):
+def transformers_load(
+    path: Path, bnb_kwargs: dict | None, device_map="auto", dtype=torch.bfloat16, auto_class="AutoModelForCausalLM"
+):
+    """Plain `<auto_class>.from_pretrained` (AutoModelForCausalLM, AutoModelForSeq2SeqLM, ...) with bitsandbytes."""
+    import transformers
+
     # Passing quantization_config=None would erase a pre-quantized checkpoint's own config: omit it.
     extra = {"quantization_config": BitsAndBytesConfig(**bnb_kwargs)} if bnb_kwargs else {}
-    return AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=dtype, **extra)
+    auto = getattr(transformers, auto_class)
+    return auto.from_pretrained(path, device_map=device_map, dtype=dtype, **extra)
 
 
 def _weights_on_cuda(device_map) -> bool:
@@ -157,13 +163,19 @@ def assert_same_weights(ours, theirs) -> None:
         assert_same_tensor(buffer, their_buffers[name], name)
 
 
-def assert_same_logits(ours, theirs, prompt_ids: torch.Tensor = PROMPT_IDS) -> None:
+def assert_same_logits(
+    ours, theirs, prompt_ids: torch.Tensor = PROMPT_IDS, inputs: dict | None = None, output: str = "logits"
+) -> None:
+    """The same `output` (logits, or e.g. an encoder's last_hidden_state) for the same inputs: `inputs` as forward
+    kwargs (input_features, pixel_values, decoder_input_ids, ...), else `prompt_ids` as input_ids."""
+    inputs = {"input_ids": prompt_ids} if inputs is None else inputs
     with torch.no_grad():
-        ids = prompt_ids.to(ours.device)
-        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+        ours_out = getattr(ours(**{k: v.to(ours.device) for k, v in inputs.items()}), output)
+        theirs_out = getattr(theirs(**{k: v.to(theirs.device) for k, v in inputs.items()}), output)
+    assert torch.equal(ours_out, theirs_out)
 
 
-def assert_same_model(ours, theirs) -> None:
-    """The oracle: same weights (checked first), then the same logits on a fixed prompt."""
+def assert_same_model(ours, theirs, inputs: dict | None = None, output: str = "logits") -> None:
+    """The oracle: same weights (checked first), then the same output on fixed inputs (a prompt by default)."""
     assert_same_weights(ours, theirs)
-    assert_same_logits(ours, theirs)
+    assert_same_logits(ours, theirs, inputs=inputs, output=output)

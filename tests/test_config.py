@@ -75,7 +75,8 @@ def test_cli_help_lists_groups_and_cfg_job_prints_config(tmp_path) -> None:
     help_out = run_cli("--help", run_dir=tmp_path).stdout
     for line in (
         "model: hub, local, smollm2-135m, synthetic-1b, tiny-llama",
-        "quant: bnb-fp4, bnb-int8, bnb-nf4, eetq, fbgemm-fp8, fp-quant, fp8, higgs, hqq, mxfp4, none, quanto-fp8,",
+        "quant: bnb-fp4, bnb-int8, bnb-nf4, compressed-tensors, eetq, fbgemm-fp8, fp-quant, fp8, gptq-4bit,",
+        "none, quanto-fp8, quanto-int4, quanto-int8, torchao-fp8wo, torchao-int4, torchao-int8dq, torchao-int8wo",
         "device_map: auto, balanced, cpu, cuda, explicit, sequential",
         "dtype: auto, bf16, fp16, fp32",
     ):

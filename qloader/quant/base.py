@@ -93,9 +93,19 @@ class QuantMethod:
         fields = OmegaConf.masked_copy(quant, [key for key in quant if key not in self.settings])
         return instantiate(fields, _convert_="all")
 
+    def calibration(self, config: Any, quant: DictConfig, checkpoint_path: Any) -> dict | None:
+        """For a method that `calibrates`, on the fly only: put the calibration data in `config` (before the
+        quantizer is built; transformers calibrates in `postprocess`). Returns what the manifest records of it."""
+        return None
+
     def choice(self, config: Any) -> dict | None:
         """Decisions the method took while building its config (recorded in the manifest)."""
         return None
+
+    def config_dict(self, config: Any) -> dict:
+        """The fields of a transformers config object (or a checkpoint's saved dict) that a merge compares and
+        `describe` reads."""
+        return dict(config) if isinstance(config, dict) else config.to_dict()
 
     def describe(self, config: dict) -> str:
         """A short human name for a config dict (`to_dict()` or a checkpoint's `quantization_config`)."""
@@ -132,6 +142,12 @@ class QuantMethod:
         """How the inventory counts `module`: the class name of a quantized module, else None."""
         return None
 
+    def kept_reason(self, module: Any) -> str | None:
+        """Why the method leaves `module` (it owns weights and is not quantized) as it is, when the method has
+        its own reason to give; None: the inventory gives the generic one (output head, embedding, convolution,
+        fused 3-D expert weights, ...). A method that quantizes fused MoE experts counts them in `quantized_class`."""
+        return None
+
     def planned_bytes(self, quantizer: Any, model: Any, name: str, module: Any, param: Any) -> WeightBytes | None:
         """Bytes of the skeleton parameter `name` (of `module`) once loaded, when the method quantizes it;
         None: it stays as it is. `quantizer` is transformers' (its config: `quantizer.quantization_config`)."""
@@ -151,6 +167,15 @@ class QuantMethod:
         """Why a model loaded with this `quant` node cannot be saved (None: it can); checked before any work."""
         if not self.can_save:
             return f"transformers cannot serialize {self.quant_method} models"
+        return None
+
+    def check_save_model(self, model: Any) -> str | None:
+        """Why this loaded model cannot be saved as it is now (None: it can); checked in `save` before writing.
+        For layouts a kernel changed after loading that would not reload (e.g. repacked weights)."""
+        return None
+
+    def save_note(self, model: Any) -> str | None:
+        """What `save_pretrained` writes for this loaded model, when that needs saying (logged by `save`)."""
         return None
 
 

@@ -87,11 +87,11 @@ def merge_with_checkpoint(saved: dict, user, user_asked: bool, config_json: Path
         )
     method = method_of(saved_config)
     merged = AutoHfQuantizer.merge_quantization_configs(dict(saved), user)
-    user_dict, used_dict = user.to_dict(), merged.to_dict()
+    saved_dict, user_dict, used_dict = method.config_dict(saved), method.config_dict(user), method.config_dict(merged)
     rows = [
-        MergeRow(key, saved.get(key), user_dict.get(key), used_dict.get(key))
-        for key in method.compared_fields(saved, user_dict)
-        if saved.get(key) != user_dict.get(key)
+        MergeRow(key, saved_dict.get(key), user_dict.get(key), used_dict.get(key))
+        for key in method.compared_fields(saved_dict, user_dict)
+        if saved_dict.get(key) != user_dict.get(key)
     ]
     if conflicts := method.conflicts(rows):
         sides = "; ".join(f"quant.{r.field}: checkpoint {r.checkpoint}, requested {r.user}" for r in conflicts)
@@ -120,4 +120,4 @@ def describe(config: Any) -> str:
     method = method_of(config)
     if method is None:
         return "none"
-    return method.describe(config if isinstance(config, dict) else config.to_dict())
+    return method.describe(method.config_dict(config))

@@ -6,11 +6,15 @@ from typing import Any
 
 from qloader.quant.base import NoQuantConfig, QuantMethod
 from qloader.quant.bnb import Bitsandbytes
+from qloader.quant.compressed_tensors import CompressedTensors
+from qloader.quant.gptq import Gptq
 from qloader.quant.gpu import GPU_METHODS
 from qloader.quant.quanto import Quanto
 from qloader.quant.torchao import Torchao
 
-METHODS: dict[str, QuantMethod] = {m.quant_method: m for m in (Bitsandbytes(), Torchao(), Quanto(), *GPU_METHODS)}
+METHODS: dict[str, QuantMethod] = {
+    m.quant_method: m for m in (Bitsandbytes(), Torchao(), Quanto(), CompressedTensors(), Gptq(), *GPU_METHODS)
+}
 
 
 class OtherMethod(QuantMethod):

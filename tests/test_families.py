@@ -1,0 +1,283 @@
+"""Every model family transformers quantizes: model.task picks the class, and the load equals plain transformers.
+
+Tiny seeded checkpoints (tests/families.py) of GPT-2 (Conv1D), T5, BART, BERT for sequence classification,
+Whisper, Llava, Mixtral (MoE), Qwen2 and Phi-3, each loaded with model.task=auto, unquantized, in nf4 and in
+int8: every tensor and the model's output `torch.equal` to `<AutoClass>.from_pretrained` with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from families import FAMILIES, mixtral_8x7b_shapes, write_checkpoint, write_shape_only_checkpoint
+from oracle import MODES, assert_same_model, transformers_load
+
+import qloader
+from qloader.errors import CheckpointError, CheckpointMismatchError, ConfigError, DeviceMapError, ProbeError
+
+GiB = 2**30
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """family name -> its checkpoint folder, written once per session."""
+    written: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in written:
+            written[name] = write_checkpoint(FAMILIES[name], tmp_path_factory.mktemp(name) / "checkpoint")
+        return written[name]
+
+    return get
+
+
+def load(folder: Path, run_dir: Path, *overrides: str):
+    """A qloader load of `folder`; its manifest, as written, must match the shipped JSON Schema."""
+    import jsonschema
+
+    from qloader.manifest import SCHEMA_PATH
+
+    result = qloader.load(["model=local", f"model.path={folder}", *overrides], run_dir=run_dir)
+    jsonschema.validate(json.loads((run_dir / "manifest.json").read_text()), json.loads(SCHEMA_PATH.read_text()))
+    return result
+
+
+@pytest.mark.parametrize("mode", ["none", "nf4", "int8"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_equals_transformers(name: str, mode: str, checkpoint, tmp_path) -> None:
+    family, folder = FAMILIES[name], checkpoint(name)
+    overrides, bnb_kwargs = MODES[mode]
+    result = load(folder, tmp_path, *overrides)
+    model = result.manifest["model"]
+    assert (model["class"], model["task"], model["auto_class"]) == (family.model_class, family.task, family.auto_class)
+    assert model["requested_task"] == "auto" and model["chosen_by"] == "architectures"
+    theirs = transformers_load(folder, bnb_kwargs, auto_class=family.auto_class)
+    assert_same_model(result.model, theirs, inputs=family.inputs(theirs), output=family.output)
+    if mode != "none":
+        assert model["quantized_modules"] > 0
+
+
+def test_gpt2_conv1d_in_fp4_equals_transformers(checkpoint, tmp_path) -> None:
+    """Conv1D weights are stored [in, out]; the quantizer transposes them into Linear4bit [out, in]."""
+    overrides, bnb_kwargs = MODES["fp4"]
+    result = load(checkpoint("gpt2"), tmp_path, *overrides)
+    theirs = transformers_load(checkpoint("gpt2"), bnb_kwargs)
+    assert_same_model(result.model, theirs, inputs=FAMILIES["gpt2"].inputs(theirs))
+    assert result.manifest["model"]["quantized_module_classes"] == {"Linear4bit": 8}  # 2 layers x 4 Conv1D
+
+
+@pytest.mark.parametrize("mode", ["none", "nf4"])
+def test_gpt2_checkpoint_with_a_transposed_conv1d_weight_is_refused(mode: str, checkpoint, tmp_path) -> None:
+    """The header check compares with the checkpoint-side shape ([in, out]) whether or not the load quantizes."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(checkpoint("gpt2"), tmp_path / "gpt2"))
+    tensors = load_file(folder / "model.safetensors")
+    key = "transformer.h.0.attn.c_attn.weight"
+    tensors[key] = tensors[key].T.contiguous()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatchError, match=rf"{key}: checkpoint \[192, 64\], model \[64, 192\]"):
+        load(folder, tmp_path / "run", *MODES[mode][0])
+
+
+# model.task: explicit tasks, disagreement with config.json, remote code ----------------------------------------
+
+
+def test_explicit_task_builds_its_auto_class(checkpoint, tmp_path) -> None:
+    result = load(checkpoint("t5"), tmp_path, "model.task=seq2seq-lm", "quant=bnb-nf4")
+    model = result.manifest["model"]
+    assert (model["class"], model["task"]) == ("T5ForConditionalGeneration", "seq2seq-lm")
+    assert model["chosen_by"] == "model.task"
+
+
+def test_task_without_a_class_for_the_model_names_the_task_to_use(checkpoint, tmp_path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(checkpoint("t5"), tmp_path, "model.task=causal-lm")
+    message = str(raised.value)
+    assert "model.task=causal-lm: transformers' AutoModelForCausalLM has no class for config.json model_type 't5'" in (
+        message
+    )
+    assert "use model.task=seq2seq-lm (the task of T5ForConditionalGeneration) or model.task=auto" in message
+    assert json.loads((tmp_path / "manifest.json").read_text())["error"]["stage"] == "resolve"
+
+
+def test_task_that_disagrees_with_architectures_says_which_task_to_use(checkpoint, tmp_path) -> None:
+    with pytest.raises(CheckpointMismatchError) as raised:
+        load(checkpoint("bert-cls"), tmp_path, "model.task=causal-lm", "quant=bnb-nf4")
+    message = str(raised.value)
+    assert "the weights do not fit BertLMHeadModel" in message
+    assert (
+        "config.json architectures names BertForSequenceClassification, but model.task=causal-lm builds "
+        "BertLMHeadModel: use model.task=sequence-classification (or model.task=auto)"
+    ) in message
+
+
+def test_bad_task_fails_at_compose_listing_the_choices() -> None:
+    from hydra.errors import ConfigCompositionException
+
+    from qloader.config import compose
+
+    with pytest.raises(ConfigCompositionException) as raised:
+        compose(["model=tiny-llama", "model.task=seq2seq"])
+    cause = str(raised.value.__cause__)
+    assert "Invalid value 'seq2seq', expected one of [auto, causal-lm, seq2seq-lm, masked-lm," in cause
+    assert "image-text-to-text, base]" in cause
+
+
+def test_task_choices_are_transformers_auto_classes() -> None:
+    from typing import get_args
+
+    import transformers
+
+    from qloader.hf_loading import TASKS
+    from qloader.schema import TaskName
+
+    assert set(get_args(TaskName)) == {"auto", *TASKS}
+    assert all(hasattr(transformers, auto) for auto in TASKS.values())
+
+
+def test_no_architectures_falls_back_to_causal_lm_or_names_the_tasks(checkpoint, tmp_path) -> None:
+    folder = Path(shutil.copytree(checkpoint("t5"), tmp_path / "t5"))
+    config = json.loads((folder / "config.json").read_text())
+    del config["architectures"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"names no architectures.*has no causal-LM class.*model.task=seq2seq-lm"):
+        load(folder, tmp_path / "t5-run")
+    qwen = Path(shutil.copytree(checkpoint("qwen2"), tmp_path / "qwen2"))
+    config = json.loads((qwen / "config.json").read_text())
+    del config["architectures"]
+    (qwen / "config.json").write_text(json.dumps(config))
+    model = load(qwen, tmp_path / "qwen-run", "quant=none").manifest["model"]
+    assert (model["class"], model["task"], model["chosen_by"]) == ("Qwen2ForCausalLM", "causal-lm", "fallback")
+
+
+MODELING = """
+from transformers import T5ForConditionalGeneration
+
+
+class MySeq2Seq(T5ForConditionalGeneration):
+    pass
+"""
+
+
+def test_auto_map_class_for_the_task_when_trusted(checkpoint, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder = Path(shutil.copytree(checkpoint("t5"), tmp_path / "t5"))
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForSeq2SeqLM": "modeling_my.MySeq2Seq"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_my.py").write_text(MODELING)
+    for task in ("auto", "seq2seq-lm"):
+        overrides = ["model.trust_remote_code=true", f"model.task={task}", "quant=none"]
+        model = load(folder, tmp_path / task, *overrides).manifest["model"]
+        assert (model["class"], model["task"], model["chosen_by"]) == ("MySeq2Seq", "seq2seq-lm", "auto_map")
+
+
+def test_probe_refuses_a_task_it_cannot_score_before_loading(checkpoint, tmp_path) -> None:
+    with pytest.raises(ProbeError, match=r"cannot probe model.task speech-seq2seq \(WhisperForConditionalGeneration\)"):
+        load(checkpoint("whisper"), tmp_path, "probe=quick")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["error"]["stage"] == "resolve" and [s["name"] for s in manifest["stages"]] == ["resolve"]
+
+
+@pytest.mark.parametrize(
+    ("name", "max_tokens"), [("qwen2", 64), ("t5", 96), ("bert-cls", 128)], ids=["causal-lm", "seq2seq", "classifier"]
+)
+def test_probe_per_task(name: str, max_tokens: int, checkpoint, tmp_path) -> None:
+    """Unquantized: full agreement with its own reference (computed in a fresh process); nf4: close to it."""
+    probe = ["probe=quick", f"probe.max_tokens={max_tokens}", "probe.max_new_tokens=4"]
+    none = load(checkpoint(name), tmp_path / "none", "quant=none", *probe).manifest["probe"]
+    nf4 = load(checkpoint(name), tmp_path / "nf4", "quant=bnb-nf4", *probe).manifest["probe"]
+    task = FAMILIES[name].task
+    assert none["task"] == nf4["task"] == task
+    assert none["top1_agreement"] == 1.0 and none["mean_kl"] == 0.0  # its reference: computed, or cached before
+    assert nf4["reference_cached"] is True and 0 <= nf4["top1_agreement"] <= 1 and nf4["mean_kl"] >= 0
+    assert nf4["sample"]["output"] is not None
+    if task == "sequence-classification":  # labels of each 32-token chunk: no perplexity
+        assert none["perplexity"] is None and none["text_tokens"] == max_tokens
+        assert none["sample"]["output"] in {"LABEL_0", "LABEL_1", "LABEL_2"}
+    else:
+        assert none["perplexity"] == none["reference_perplexity"] and nf4["perplexity"] > 1
+
+
+# MoE honesty, parameter counts -------------------------------------------------------------------------------
+
+
+def test_moe_experts_kept_unquantized_say_why(checkpoint, tmp_path) -> None:
+    from qloader.summary import render
+
+    manifest = load(checkpoint("mixtral"), tmp_path, "quant=bnb-nf4").manifest
+    kept = {g["modules"]: g for g in manifest["model"]["kept"]}
+    experts = kept["2 experts blocks"]
+    assert (experts["module_class"], experts["reason"]) == ("MixtralExperts", "fused 3-D expert weights are not Linear")
+    assert experts["parameters"] == 2 * 4 * 3 * 64 * 128  # layers x experts x (gate, up, down) x hidden x intermediate
+    assert kept["lm_head"]["reason"] == "the output head; transformers keeps it in full precision"
+    summary = render(manifest)
+    assert "2 experts blocks (MixtralExperts: fused 3-D expert weights are not Linear)" in summary
+    assert "% of the parameters" in summary and manifest["plan"]["compression"] < 1.1
+
+
+def test_parameters_are_logical_and_stored_elements_separate(checkpoint, tmp_path) -> None:
+    none = load(checkpoint("qwen2"), tmp_path / "none", "quant=none").manifest["model"]
+    nf4 = load(checkpoint("qwen2"), tmp_path / "nf4", "quant=bnb-nf4").manifest["model"]
+    assert nf4["parameters"] == none["parameters"] == none["stored_elements"]
+    assert nf4["stored_elements"] < nf4["parameters"]  # packed 4-bit: two weights per stored uint8
+    gpt2 = load(checkpoint("gpt2"), tmp_path / "gpt2", "quant=none")
+    assert gpt2.manifest["model"]["parameters"] == sum(p.numel() for p in gpt2.model.parameters())  # tied once
+
+
+@pytest.fixture(scope="module")
+def mixtral_8x7b(tmp_path_factory) -> Path:
+    """Mixtral-8x7B's shapes (46.7B parameters, 87 GiB in bf16) as sparse shards: headers, no data."""
+    config, tensors = mixtral_8x7b_shapes()
+    return write_shape_only_checkpoint(config, tensors, tmp_path_factory.mktemp("mixtral-8x7b"), shards=32)
+
+
+def test_mixtral_8x7b_plan_shows_compression_kept_experts_and_host_memory(mixtral_8x7b, tmp_path, monkeypatch) -> None:
+    from qloader import plan
+
+    monkeypatch.setattr(plan, "available_bytes", lambda device: 23 * GiB if device == "cpu" else None)
+    manifest = load(mixtral_8x7b, tmp_path, "mode=plan", "quant=bnb-nf4", "device_map=cpu").manifest
+    planned = manifest["plan"]
+    assert (planned["class"], planned["task"]) == ("MixtralForCausalLM", "causal-lm")
+    assert planned["compression"] == 1.02 and planned["parameters"] == 46_702_792_704
+    experts = next(g for g in planned["kept"] if g["module_class"] == "MixtralExperts")
+    assert experts["modules"] == "32 experts blocks" and experts["parameters"] == 32 * 8 * 3 * 4096 * 14336
+    assert planned["fits"] is False and planned["budget_sources"] == {"cpu": "available"}
+    text = plan.render(planned)
+    assert "compression               1.02x" in text and "32 experts blocks (MixtralExperts: fused 3-D" in text
+    assert "fits memory               does not fit: short on cpu by" in text and "no max_memory set" in text
+
+
+def test_mixtral_8x7b_auto_map_without_budget_names_the_available_memory(mixtral_8x7b, tmp_path) -> None:
+    import psutil
+
+    if psutil.virtual_memory().available > 80 * GiB or torch.cuda.is_available():
+        pytest.skip("this host could hold the model")
+    with pytest.raises(DeviceMapError) as raised:
+        load(mixtral_8x7b, tmp_path, "mode=plan", "quant=bnb-nf4", "device_map=auto")
+    message = str(raised.value)
+    assert "with no max_memory set: the model does not fit the memory available (cpu " in message
+    assert "allows 0.0 MiB" not in message and "short by" in message
+
+
+# A sweep over model.path ---------------------------------------------------------------------------------------
+
+
+def test_sweep_over_model_paths_gives_one_summary(checkpoint, tmp_path) -> None:
+    from test_sweep import sweep
+
+    paths = ",".join(str(checkpoint(name)) for name in ("t5", "bert-cls"))
+    result = sweep("model=local", f"model.path={paths}", "quant=none,bnb-nf4", sweep_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "summary.csv")
+    assert list(table["status"]) == ["succeeded"] * 4
+    assert list(table["model_class"]) == ["T5ForConditionalGeneration"] * 2 + ["BertForSequenceClassification"] * 2
+    assert list(table["task"]) == ["seq2seq-lm"] * 2 + ["sequence-classification"] * 2
+    assert list(table["compression"])[0::2] == [1.0, 1.0] and all(c > 1.0 for c in list(table["compression"])[1::2])
