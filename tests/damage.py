@@ -53,6 +53,20 @@ def edit_tensors(shard: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -
     save_file(tensors, shard, metadata={"format": "pt"})
 
 
+def drop_tensor(folder: Path, key: str) -> None:
+    """Remove one tensor from its shard and from the index; the shard keeps its own metadata (torchao's)."""
+    from safetensors import safe_open
+
+    index = json.loads((folder / INDEX).read_text())
+    shard = folder / index["weight_map"].pop(key)
+    with safe_open(shard, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(shard)
+    del tensors[key]
+    save_file(tensors, shard, metadata=metadata)
+    (folder / INDEX).write_text(json.dumps(index))
+
+
 def tree_state(folder: Path) -> dict[str, tuple[int, int]]:
     """Every path under `folder` (itself included) -> (size, mtime_ns)."""
     paths = [folder, *sorted(folder.rglob("*"))]

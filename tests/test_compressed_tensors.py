@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from damage import INDEX
+from damage import drop_tensor
 from oracle import assert_same_logits, assert_same_model, assert_same_weights
-from safetensors.torch import load_file, save_file
 
 import qloader
 from qloader.errors import CheckpointError, CheckpointMismatchError, ConfigError, QuantizationMismatchError
@@ -145,12 +144,7 @@ def test_missing_stored_tensor_is_named_before_loading(suffix, checkpoint, tmp_p
     for file in source.iterdir():
         (path / file.name).write_bytes(file.read_bytes())
     key = f"{Q_PROJ}.{suffix}"
-    index = json.loads((path / INDEX).read_text())
-    shard = path / index["weight_map"].pop(key)
-    tensors = load_file(shard)
-    del tensors[key]
-    save_file(tensors, shard, metadata={"format": "pt"})
-    (path / INDEX).write_text(json.dumps(index))
+    drop_tensor(path, key)
 
     with pytest.raises((CheckpointError, CheckpointMismatchError)) as raised:
         qloader.load(local(path), run_dir=tmp_path / "run")
@@ -231,7 +225,7 @@ def test_save_note_says_what_is_written(loaded) -> None:
 
 
 @pytest.mark.smollm2
-@pytest.mark.parametrize("preset", SCHEMES)
+@pytest.mark.parametrize("preset", ["W4A16"])  # W8A16 on SmolLM2: the same code path, covered on tiny-llama
 def test_smollm2_plan_and_memory_after_probe(preset, smollm2_checkpoint, tmp_path) -> None:
     path = build_checkpoint(smollm2_checkpoint, tmp_path / "ckpt", preset, group_size=64, shard="100MB")
     plan = qloader.load([*local(path), "mode=plan"], run_dir=tmp_path / "plan").manifest["plan"]["footprint_bytes"]

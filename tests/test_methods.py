@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from damage import copy_checkpoint, edit_tensors, shard_of
+from damage import copy_checkpoint, drop_tensor, edit_tensors, shard_of
 from oracle import assert_same_logits, assert_same_model, assert_same_weights, method_load
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 import qloader
 from qloader.errors import (
@@ -232,16 +230,8 @@ def test_save_and_reload_both_ways(option, tmp_path) -> None:
 @pytest.mark.parametrize("option", SAVEABLE)
 def test_prequantized_missing_scale_is_named(option, tmp_path) -> None:
     _, ckpt = save_with_qloader(option, tmp_path)
-    index_path = ckpt / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
     key = LINEAR.removesuffix(".weight") + "._weight_scale"
-    shard = ckpt / index["weight_map"].pop(key)
-    with safe_open(shard, "pt") as f:  # keep torchao's metadata: only the tensor goes
-        metadata = f.metadata()
-    tensors = load_file(shard)
-    del tensors[key]
-    save_file(tensors, shard, metadata=metadata)
-    index_path.write_text(json.dumps(index))
+    drop_tensor(ckpt, key)  # torchao's shard metadata stays: only the tensor goes
 
     run_dir = tmp_path / "run"
     with pytest.raises((CheckpointError, CheckpointMismatchError)) as raised:
