@@ -75,6 +75,13 @@ def test_failed_job_gets_a_row_and_the_sweep_exits_nonzero(tiny_checkpoint, tmp_
 def test_each_job_measures_only_its_own_memory(tmp_path) -> None:
     """The small job's load-stage peak anon is the same first, second, or alone (tolerance 8 MiB)."""
     common = ["model=tiny-llama", "model.intermediate_size=2816", "model.num_hidden_layers=4", "quant=bnb-int8"]
+    # Generate both checkpoints first: a job that builds its checkpoint frees that memory before the load
+    # stage, which then reuses it and shows little anon growth.
+    from qloader.config import compose
+    from qloader.sources import checkpoint_folder
+
+    for hidden in (64, 1024):
+        checkpoint_folder(compose([*common, f"model.hidden_size={hidden}"]).model)
     small_first = sweep(*common, "model.hidden_size=64,1024", sweep_dir=tmp_path / "a")
     big_first = sweep(*common, "model.hidden_size=1024,64", sweep_dir=tmp_path / "b")
     alone = sweep(*common, "model.hidden_size=64", sweep_dir=tmp_path / "c")
