@@ -73,7 +73,9 @@ def test_failed_job_gets_a_row_and_the_sweep_exits_nonzero(tiny_checkpoint, tmp_
 
 
 def test_each_job_measures_only_its_own_memory(tmp_path) -> None:
-    """The small job's load-stage peak anon is the same first, second, or alone (tolerance 8 MiB)."""
+    """The small job's load-stage peak anon is the same first, second, or alone: within 16 MiB, half the least
+    growth the big job must show, so a leak of the big job's weights (over 30 MiB) cannot hide in it; the
+    import-time heap varies by up to about 9 MiB between processes."""
     common = ["model=tiny-llama", "model.intermediate_size=2816", "model.num_hidden_layers=4", "quant=bnb-int8"]
     # Generate both checkpoints first: a job that builds its checkpoint frees that memory before the load
     # stage, which then reuses it and shows little anon growth.
@@ -93,7 +95,7 @@ def test_each_job_measures_only_its_own_memory(tmp_path) -> None:
         load_stage(tmp_path / "b", 1)["anon_peak_bytes"],
         load_stage(tmp_path / "c", 0)["anon_peak_bytes"],
     ]
-    assert max(peaks) - min(peaks) < 8 * MiB, [p / MiB for p in peaks]
+    assert max(peaks) - min(peaks) < 16 * MiB, [p / MiB for p in peaks]
 
 
 def test_joblib_sweep_runs(tmp_path) -> None:
