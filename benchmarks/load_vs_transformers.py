@@ -1,15 +1,28 @@
 """qloader vs plain transformers: the same load, side by side, each in a fresh process.
 
-    python benchmarks/load_vs_transformers.py                  # none, nf4 + double quant, int8; 5 rounds each
+    python benchmarks/load_vs_transformers.py            # every mode: 3 rounds each, 2 for torchao and quanto
     python benchmarks/load_vs_transformers.py --modes nf4-dq --pairs 3
+    python benchmarks/load_vs_transformers.py --modes torchao-int8wo,quanto-int8 --method-pairs 1
 
-The model is `model=synthetic-1b` (about 1B parameters, bf16, 4 shards of at most 512 MiB),
-generated once into the qloader cache. For every mode, runs alternate: qloader, transformers,
-qloader with `validate.fingerprint=false` (to show what the fingerprint costs), then again. Each
-run is a fresh Python process that imports the same libraries, then loads once. All sides are
-measured by the same instrument: wall time of the load call, and peak RSS and peak anonymous
-RSS sampled every 2 ms by a helper process (`qloader.measure.PeakSampler`). One unmeasured run
-per side first warms the page cache and qloader's hash cache.
+The bitsandbytes modes and `none` load `model=synthetic-1b` (about 1B parameters, bf16, 4 shards of
+at most 512 MiB), generated once into the qloader cache. The torchao and optimum-quanto methods load
+SmolLM2-135M (`model=smollm2-135m`), which keeps their many runs short on two cores. Mode
+`smollm2-nf4` loads SmolLM2-135M in nf4, qloader's default run, to check that `quant.kernel=auto`
+never makes it slower than bitsandbytes' kernel. For every mode, runs
+alternate between the sides (qloader with its defaults, plain `from_pretrained` with the same
+quantization config, and a variant of qloader), then again. Each run is a fresh Python process
+that imports torch, transformers and bitsandbytes, then loads once.
+
+Every run is measured twice over:
+- in the process: the wall time of the load call, and peak RSS and peak anonymous RSS sampled every
+  2 ms by a helper process (`qloader.measure.PeakSampler`); the load is split into reading the
+  tensors from the shards, the quantization kernel, the rest of quantizing (double quantization,
+  packing, dtype conversion), and the rest;
+- as a whole process: wall time from spawn to exit, CPU seconds and peak RSS (`os.wait4`).
+`os.getloadavg()` is recorded before every run: the machine may be shared.
+One unmeasured run per side first warms the page cache, qloader's hash caches and the compiled
+kernels (with `quant.kernel=fused`, so the kernel cache holds what `auto` looks for); a run with an
+empty qloader cache measures the kernel's compile.
 Results: benchmarks/results/load_vs_transformers.{json,md}.
 """
 
@@ -21,48 +34,116 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-MODEL = ["model=synthetic-1b"]
-# mode -> (qloader overrides, BitsAndBytesConfig kwargs for transformers)
+MODEL, METHOD_MODEL = ["model=synthetic-1b"], ["model=smollm2-135m"]
+# mode -> qloader's quant overrides; transformers gets the config `quantization_config(mode)` writes out
 MODES = {
-    "none": (["quant=none"], None),
-    "nf4-dq": (["quant=bnb-nf4", "quant.bnb_4bit_use_double_quant=true"], "nf4-dq"),
-    "int8": (["quant=bnb-int8"], "int8"),
+    "none": ["quant=none"],
+    "nf4-dq": ["quant=bnb-nf4", "quant.bnb_4bit_use_double_quant=true"],
+    "int8": ["quant=bnb-int8"],
 }
+METHODS = (
+    "torchao-int8wo",
+    "torchao-int8dq",
+    "torchao-fp8wo",
+    "torchao-int4",
+    "quanto-int8",
+    "quanto-int4",
+    "quanto-fp8",
+)
+MODES.update({method: [f"quant={method}"] for method in METHODS})
+# SmolLM2-135M in nf4, qloader's default run: `auto` must never make it slower than bitsandbytes' kernel
+MODES["smollm2-nf4"] = MODES["nf4-dq"]
+SMALL_MODEL_MODES = (*METHODS, "smollm2-nf4")
+ORDER = ("nf4-dq", "int8", "none", "smollm2-nf4", *METHODS)
 # Each side: None for plain transformers, else qloader's extra overrides.
 SIDES = {
     "qloader": [],
     "transformers": None,
     "qloader-nofp": ["validate.fingerprint=false"],  # what the fingerprint itself costs
-    "qloader-fused": ["quant.kernel=fused"],  # 4-bit modes only: the fused CPU quantization kernel
+    "qloader-bnb": ["quant.kernel=bnb"],  # bitsandbytes' own kernels, as before `auto`
 }
+WARM = ["quant.kernel=fused"]  # the warm-up builds the compiled kernels' cache
 
 
 def sides_for(mode: str) -> list[str]:
-    return [side for side in SIDES if side != "qloader-fused" or mode in ("nf4-dq",)]
+    if mode == "none":
+        return ["qloader", "transformers", "qloader-nofp"]
+    if mode in ("nf4-dq", "int8", "smollm2-nf4"):
+        return ["qloader", "transformers", "qloader-bnb"]
+    return ["qloader", "transformers"]
 
 
-def bnb_config(name: str | None):
+def quantization_config(mode: str):
+    """The transformers config of a mode, written out here with transformers' own classes."""
     import torch
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig, QuantoConfig, TorchAoConfig
 
-    if name is None:
+    if mode == "none":
         return None
-    if name == "int8":
+    if mode == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+    if mode in ("nf4-dq", "smollm2-nf4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    if mode.startswith("quanto-"):
+        return QuantoConfig(weights={"quanto-int8": "int8", "quanto-int4": "int4", "quanto-fp8": "float8"}[mode])
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import (
+        Float8WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+    )
+
+    return TorchAoConfig(
+        {
+            "torchao-int8wo": Int8WeightOnlyConfig,
+            "torchao-int8dq": Int8DynamicActivationInt8WeightConfig,
+            "torchao-fp8wo": Float8WeightOnlyConfig,
+            "torchao-int4": lambda: PrototypeInt4WeightOnlyConfig(group_size=64),  # CPU int4, as qloader picks
+        }[mode]()
     )
 
 
 # ---------------------------------------------------------------- one load, in its own process
+
+
+class LoadSplit:
+    """Times the parts of a load on either side: tensor reads, quantization (op and all), by wrapping them."""
+
+    def __init__(self) -> None:
+        self.seconds = {"read": 0.0, "quantize": 0.0}
+
+    def _timed(self, owner, name: str, part: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    def install(self) -> LoadSplit:
+        import bitsandbytes as bnb
+        from transformers import core_model_loading
+
+        self._timed(core_model_loading, "_materialize_copy", "read")  # the tensor's bytes out of the shard
+        self._timed(bnb.nn.Params4bit, "_quantize", "quantize")
+        self._timed(bnb.nn.Int8Params, "_quantize", "quantize")
+        return self
 
 
 def child(loader: str, mode: str, checkpoint: str, run_dir: str) -> dict:
@@ -77,19 +158,28 @@ def child(loader: str, mode: str, checkpoint: str, run_dir: str) -> dict:
     from transformers import AutoModelForCausalLM, modeling_utils  # noqa: F401
 
     from qloader.measure import PeakSampler, _read_status
+    from qloader.quant.bnb_kernel import quantization_kernels
 
+    split = LoadSplit().install()
+    kernel = None
     if loader.startswith("qloader"):
         import qloader
-        from qloader import hf_loading, pipeline  # noqa: F401  (what `qloader.load` imports on first use)
 
-        overrides = ["model=local", f"model.path={checkpoint}", "summary=false", *MODES[mode][0]]
-        overrides += SIDES[loader]
+        overrides = ["model=local", f"model.path={checkpoint}", "summary=false", *MODES[mode]]
+        overrides += WARM if os.environ.get("QLOADER_BENCH_WARM") else SIDES[loader]
         load = lambda: qloader.load(overrides, run_dir=run_dir)  # noqa: E731
     else:
-        extra = {"quantization_config": bnb_config(MODES[mode][1])} if MODES[mode][1] else {}
-        load = lambda: AutoModelForCausalLM.from_pretrained(  # noqa: E731
-            checkpoint, device_map="auto", dtype=torch.bfloat16, **extra
-        )
+        config = quantization_config(mode)
+        extra = {"quantization_config": config} if config is not None else {}
+        bnb_mode = mode in ("nf4-dq", "int8", "smollm2-nf4")
+
+        def load():
+            nonlocal kernel  # bitsandbytes' own kernels, only timed (the op's seconds, as on qloader's side)
+            with quantization_kernels("bnb") if bnb_mode else nullcontext() as kernel:
+                return AutoModelForCausalLM.from_pretrained(
+                    checkpoint, device_map="auto", dtype=torch.bfloat16, **extra
+                )
+
     import_s = time.perf_counter() - start
     baseline = _read_status("VmRSS", "RssAnon")
     rss, anon = PeakSampler("VmRSS"), PeakSampler("RssAnon")  # not the pipeline's: it resets its own per stage
@@ -97,18 +187,20 @@ def child(loader: str, mode: str, checkpoint: str, run_dir: str) -> dict:
     start = time.perf_counter()
     result = load()
     wall_s = time.perf_counter() - start
-    stats = {"wall_s": round(wall_s, 4), "rss_peak_bytes": rss.peak(), "anon_peak_bytes": anon.peak()}
     row = {
         "loader": loader,
         "mode": mode,
-        **stats,
+        "wall_s": round(wall_s, 4),
+        "rss_peak_bytes": rss.peak(),
+        "anon_peak_bytes": anon.peak(),
         "import_s": round(import_s, 4),
         "import_rss_bytes": baseline["VmRSS"],
         "import_anon_bytes": baseline["RssAnon"],
+        "split_s": {k: round(v, 4) for k, v in split.seconds.items()},
     }
     if loader.startswith("qloader"):
         manifest = result.manifest
-        row["kernel"] = manifest["quantization"]["kernel"]
+        kernel = manifest["quantization"].get("kernel")
         load_stage = next(s for s in manifest["stages"] if s["name"] == "load")
         row.update(
             footprint_bytes=manifest["model"]["footprint_bytes"],
@@ -116,6 +208,9 @@ def child(loader: str, mode: str, checkpoint: str, run_dir: str) -> dict:
             load_stage_anon_peak_bytes=load_stage["anon_peak_bytes"],
             stages={s["name"]: s["wall_s"] for s in manifest["stages"]},
         )
+    elif kernel is not None:
+        kernel = kernel.as_dict()
+    row["kernel"] = kernel
     return row
 
 
@@ -123,20 +218,43 @@ def child(loader: str, mode: str, checkpoint: str, run_dir: str) -> dict:
 
 
 def run_child(loader: str, mode: str, checkpoint: Path, run_dir: Path, env: dict | None = None) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", loader, mode, str(checkpoint), str(run_dir)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"{loader} {mode} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """One fresh process: its own JSON row, plus what the parent saw of it (wall, CPU seconds, peak RSS)."""
+    load_before = os.getloadavg()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", loader, mode, str(checkpoint), str(run_dir)],
+            stdout=out,
+            stderr=err,
+            env={**os.environ, **(env or {})},
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        process_s = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise ChildFailed(f"{loader} {mode} failed:\n{err.read()[-3000:]}")
+        out.seek(0)
+        row = json.loads(out.read().strip().splitlines()[-1])
+    row["process"] = {
+        "wall_s": round(process_s, 3),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "rss_peak_bytes": usage.ru_maxrss * 1024,
+        "loadavg_before": [round(x, 2) for x in load_before],
+    }
+    return row
 
 
 def mib(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
+
+
+def _median(rows: list[dict], *path: str) -> float:
+    def get(row):
+        for key in path:
+            row = row[key]
+        return row
+
+    return statistics.median(get(r) for r in rows)
 
 
 def summarize(rows: list[dict], mode: str) -> dict:
@@ -144,19 +262,38 @@ def summarize(rows: list[dict], mode: str) -> dict:
     by = {loader: [r for r in rows if r["loader"] == loader] for loader in sides}
     out: dict = {"mode": mode, "pairs": len(by["transformers"])}
     for key in ("wall_s", "rss_peak_bytes", "anon_peak_bytes", "import_s", "import_rss_bytes", "import_anon_bytes"):
-        out[key] = {loader: statistics.median(r[key] for r in by[loader]) for loader in sides}
+        out[key] = {loader: _median(by[loader], key) for loader in sides}
+    for key in ("wall_s", "cpu_s", "rss_peak_bytes"):
+        out[f"process_{key}"] = {loader: _median(by[loader], "process", key) for loader in sides}
+    out["split_s"] = {
+        loader: {part: _median(by[loader], "split_s", part) for part in by[loader][0]["split_s"]} for loader in sides
+    }
+    out["kernel_s"] = {
+        loader: _median(by[loader], "kernel", "kernel_s") for loader in sides if by[loader][0]["kernel"] is not None
+    }
     for variant in [side for side in sides if side != "transformers"]:
+        pairs = list(zip(by[variant], by["transformers"], strict=True))
         for key in ("wall_s", "rss_peak_bytes", "anon_peak_bytes"):
-            ratios = [a[key] / b[key] for a, b in zip(by[variant], by["transformers"], strict=True)]
+            ratios = [a[key] / b[key] for a, b in pairs]
             out[f"{variant}/{key}_ratio"] = {
                 "median": statistics.median(ratios),
                 "per_pair": [round(r, 3) for r in ratios],
             }
+        for key in ("wall_s", "rss_peak_bytes"):
+            ratios = [a["process"][key] / b["process"][key] for a, b in pairs]
+            out[f"{variant}/process_{key}_ratio"] = {
+                "median": statistics.median(ratios),
+                "per_pair": [round(r, 3) for r in ratios],
+            }
     q = by["qloader"]
+    out["kernel"] = {k: q[0]["kernel"].get(k) for k in ("kernel", "requested", "reason")} if q[0]["kernel"] else None
     budget = statistics.median(r["footprint_bytes"] + r["largest_shard_bytes"] for r in q)
     growth = statistics.median(r["load_stage_anon_peak_bytes"] - r["import_anon_bytes"] for r in q)
+    out["footprint_bytes"] = q[0]["footprint_bytes"]
     out["load_stage"] = {"anon_growth_bytes": growth, "footprint_plus_largest_shard_bytes": budget}
     out["qloader_stages_s"] = {k: statistics.median(r["stages"][k] for r in q) for k in q[0]["stages"]}
+    out["load_stage_s"] = {side: _median(by[side], "stages", "load") for side in sides if side != "transformers"}
+    out["loadavg_before"] = [r["process"]["loadavg_before"][0] for r in rows]
     return out
 
 
@@ -165,24 +302,73 @@ def _ratio(summary: dict, side: str, key: str) -> str:
     return "1" if side == "transformers" else f"{summary[f'{side}/{key}_ratio']['median']:.3f}"
 
 
-def markdown(summaries: list[dict], machine: dict) -> str:
+def _speedup(summary: dict, side: str, key: str) -> str:
+    return "" if side == "transformers" else f"{1 / summary[f'{side}/{key}_ratio']['median']:.2f}x"
+
+
+def markdown(report: dict) -> str:
+    summaries, machine, models = report["summaries"], report["machine"], report["models"]
+    if not summaries:
+        return "No mode completed.\n" + "".join(f"- {f['mode']}: {f['error']}\n" for f in report["failures"])
+    pairs = sorted({s["pairs"] for s in summaries})
+    loads = [x for s in summaries for x in s["loadavg_before"]]
     lines = [
         f"Machine: {machine['cpu_model']}, {machine['cpu_cores']} cores, {mib(machine['ram_bytes'])} RAM, "
-        f"GPUs: {machine['gpus'] or 'none'}. Medians of {summaries[0]['pairs']} alternating pairs, fresh processes.",
+        f"GPUs: {machine['gpus'] or 'none'} (CUDA columns: not measured). Medians of "
+        f"{'/'.join(map(str, pairs))} alternating rounds, fresh processes. 1-minute load average before the "
+        f"runs: {min(loads):.2f} to {max(loads):.2f} (median {statistics.median(loads):.2f}) on "
+        f"{machine['cpu_cores']} cores: {'shared, busy' if statistics.median(loads) > 1.5 else 'mostly idle'}.",
+        f"Models: bitsandbytes modes and none: {models['main']}; torchao and quanto: {models['methods']}.",
         "",
-        "| mode | side | load s | time ratio | peak RSS | RSS ratio | peak anon | anon ratio "
-        "| load-stage anon growth / footprint + largest shard |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Load call (in the process) and whole process (spawn to exit). Ratio = qloader / transformers, the median "
+        "of the per-round ratios; speed-up = 1 / ratio.",
+        "",
+        "| mode | side | load s | load speed-up | process s | process speed-up | process CPU s | process peak RSS "
+        "| RSS ratio (process) | peak anon (load) | anon ratio | footprint |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
-        w, r, a, ls = s["wall_s"], s["rss_peak_bytes"], s["anon_peak_bytes"], s["load_stage"]
+        w, a, p = s["wall_s"], s["anon_peak_bytes"], s
         for side in sides_for(s["mode"]):
-            budget = f"{mib(ls['anon_growth_bytes'])} / {mib(ls['footprint_plus_largest_shard_bytes'])}"
             lines.append(
-                f"| {s['mode']} | {side} | {w[side]:.2f} | {_ratio(s, side, 'wall_s')} "
-                f"| {mib(r[side])} | {_ratio(s, side, 'rss_peak_bytes')} "
-                f"| {mib(a[side])} | {_ratio(s, side, 'anon_peak_bytes')} "
-                f"| {budget if side == 'qloader' else ''} |"
+                f"| {s['mode']} | {side} | {w[side]:.2f} | {_speedup(s, side, 'wall_s')} "
+                f"| {p['process_wall_s'][side]:.2f} | {_speedup(s, side, 'process_wall_s')} "
+                f"| {p['process_cpu_s'][side]:.1f} | {mib(p['process_rss_peak_bytes'][side])} "
+                f"| {_ratio(s, side, 'process_rss_peak_bytes')} | {mib(a[side])} "
+                f"| {_ratio(s, side, 'anon_peak_bytes')} "
+                f"| {mib(s['footprint_bytes']) if side == 'qloader' else ''} |"
+            )
+    lines += [
+        "",
+        "Where the load's time goes (medians, s): read = tensors out of the shards; kernel = the quantization op "
+        "(bitsandbytes' `quantize_4bit` / `int8_vectorwise_quant`, fused or not); dq/packing = the rest of "
+        "quantizing each weight (dtype conversion, double quantization, `QuantState`); rest = the load call "
+        "(qloader: its load stage) less those.",
+        "",
+        "| mode | side | load | read | kernel | dq/packing | rest |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        if s["mode"] in METHODS:
+            continue
+        for side in sides_for(s["mode"]):
+            total = s["load_stage_s"].get(side, s["wall_s"][side])
+            read, quantize = s["split_s"][side]["read"], s["split_s"][side]["quantize"]
+            kernel = s["kernel_s"].get(side, 0.0)
+            lines.append(
+                f"| {s['mode']} | {side}{' (load stage)' if side != 'transformers' else ''} | {total:.2f} | {read:.2f} "
+                f"| {kernel:.2f} | {max(quantize - kernel, 0):.2f} | {max(total - read - quantize, 0):.2f} |"
+            )
+    lines += ["", "qloader's kernel choice (`quant.kernel=auto`, the default):", ""]
+    for s in summaries:
+        if s.get("kernel"):
+            lines.append(f"- {s['mode']}: {s['kernel']['kernel']}: {s['kernel']['reason']}")
+    for s in summaries:
+        if "compile" in s:
+            c = s["compile"]
+            lines.append(
+                f"- {s['mode']}, the fused kernel's first call: {c['cold_cache_s']:.1f} s with an empty cache "
+                f"(the compile), {c['warm_cache_s']:.2f} s with the cache warm (median of the measured runs)."
             )
     lines += ["", "Import-only baseline (time, RSS / anon after the imports, before the load call):", ""]
     for s in summaries:
@@ -191,70 +377,105 @@ def markdown(summaries: list[dict], machine: dict) -> str:
             f"- {s['mode']}: "
             + "; ".join(f"{side} {t[side]:.2f} s, {mib(i[side])} / {mib(a[side])}" for side in sides_for(s["mode"]))
         )
-    for s in summaries:
-        if "fused_first_call_s" in s:
-            first = s["fused_first_call_s"]
-            lines.append(
-                f"\nquant.kernel=fused ({s['mode']}): the first call compiles, {first['cold_cache']:.1f} s with an "
-                f"empty inductor cache; with the cache warm it takes {statistics.median(first['warm_cache']):.2f} s."
-            )
     lines += ["", "qloader stage medians (s):", ""]
     for s in summaries:
         lines.append(f"- {s['mode']}: " + ", ".join(f"{k} {v:.3f}" for k, v in s["qloader_stages_s"].items()))
+    if report["failures"]:
+        lines += ["", "Modes that failed:", ""]
+        lines += [f"- {f['mode']}: {f['error'].strip().splitlines()[-1]}" for f in report["failures"]]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
-    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--modes", default=",".join(ORDER), help="comma-separated: " + ", ".join(ORDER))
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--method-pairs", type=int, default=2, help="rounds for the torchao and quanto methods")
     parser.add_argument("--child", nargs=4, metavar=("LOADER", "MODE", "CHECKPOINT", "RUN_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
         return
 
-    import tempfile
-
     from qloader.config import compose
     from qloader.environment import hardware, versions
     from qloader.sources import checkpoint_folder
 
-    checkpoint = checkpoint_folder(compose(MODEL).model)  # generated on first use
     modes = args.modes.split(",")
-    summaries, raw, cold_compile = [], [], {}
-    with tempfile.TemporaryDirectory(prefix="qloader-bench-") as tmp:
-        for mode in modes:
-            for loader in sides_for(mode):  # warm-up: page cache, qloader's hash cache, the kernel's compile
-                env = {"TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}  # cold: the compile is measured
-                row = run_child(loader, mode, checkpoint, Path(tmp) / f"warm-{mode}-{loader}", env)
-                if loader == "qloader-fused":
-                    cold_compile[mode] = row["kernel"]["first_call_s"]
-            rows = []
-            for pair in range(args.pairs):
-                for loader in sides_for(mode):
-                    row = run_child(loader, mode, checkpoint, Path(tmp) / f"{mode}-{pair}-{loader}")
-                    print(f"{mode} pair {pair} {loader}: {row['wall_s']:.2f} s, anon {mib(row['anon_peak_bytes'])}")
-                    rows.append(row)
-            raw += rows
-            summaries.append(summarize(rows, mode))
-            if mode in cold_compile:
-                fused = [r["kernel"]["first_call_s"] for r in rows if r["loader"] == "qloader-fused"]
-                summaries[-1]["fused_first_call_s"] = {"cold_cache": cold_compile[mode], "warm_cache": fused}
-    machine = hardware()
-    RESULTS.mkdir(exist_ok=True)
+    checkpoints = {"main": checkpoint_folder(compose(MODEL).model)}  # generated on first use
+    if any(mode in SMALL_MODEL_MODES for mode in modes):
+        checkpoints["methods"] = checkpoint_folder(compose(METHOD_MODEL).model)
     report = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "checkpoint": str(checkpoint),
-        "machine": machine,
+        "checkpoints": {k: str(v) for k, v in checkpoints.items()},
+        "models": {
+            "main": "synthetic-1b (1.01B parameters, bf16, 4 shards)",
+            "methods": "SmolLM2-135M (bf16; mode smollm2-nf4 too)",
+        },
+        "machine": hardware(),
         "versions": versions(),
-        "summaries": summaries,
-        "runs": raw,
+        "summaries": [],
+        "failures": [],
+        "runs": [],
     }
+    with tempfile.TemporaryDirectory(prefix="qloader-bench-") as tmp:
+        for mode in modes:  # the results are written after every mode: a late failure keeps the rest
+            checkpoint = checkpoints["methods" if mode in SMALL_MODEL_MODES else "main"]
+            pairs = args.method_pairs if mode in METHODS else args.pairs
+            try:
+                summary, rows = bench_mode(mode, checkpoint, Path(tmp), pairs)
+            except ChildFailed as e:
+                print(e, flush=True)
+                report["failures"].append({"mode": mode, "error": str(e)[-2000:]})
+            else:
+                report["summaries"].append(summary)
+                report["runs"] += rows
+            write_results(report)
+    print(markdown(report))
+
+
+class ChildFailed(Exception):
+    pass
+
+
+def bench_mode(mode: str, checkpoint: Path, tmp: Path, pairs: int) -> tuple[dict, list[dict]]:
+    """Warm-ups, then `pairs` rounds of every side of `mode`, alternating; the summary and the rows."""
+    compile_s = None
+    if mode in ("nf4-dq", "int8"):  # the compile, with an empty qloader cache
+        env = {"QLOADER_CACHE": str(tmp / f"cold-{mode}"), "QLOADER_BENCH_WARM": "1"}
+        row = run_child("qloader", mode, checkpoint, tmp / f"cold-{mode}-run", env)
+        compile_s = row["kernel"]["first_call_s"]
+    for loader in sides_for(mode):  # warm-up: page cache, qloader's hash caches, the kernel cache
+        if mode in METHODS and loader != "qloader":
+            continue  # a small model: one warm-up fills the page cache
+        env = {"QLOADER_BENCH_WARM": "1"} if loader == "qloader" and mode in ("nf4-dq", "int8") else {}
+        run_child(loader, mode, checkpoint, tmp / f"warm-{mode}-{loader}", env)
+    rows = []
+    for pair in range(pairs):
+        for loader in sides_for(mode):
+            row = run_child(loader, mode, checkpoint, tmp / f"{mode}-{pair}-{loader}")
+            print(
+                f"{mode} pair {pair} {loader}: load {row['wall_s']:.2f} s, "
+                f"process {row['process']['wall_s']:.2f} s, anon {mib(row['anon_peak_bytes'])}, "
+                f"load avg {row['process']['loadavg_before'][0]}",
+                flush=True,
+            )
+            rows.append(row)
+    summary = summarize(rows, mode)
+    if compile_s is not None:
+        warm = [r["kernel"]["first_call_s"] for r in rows if r["loader"] == "qloader"]
+        warm = [w for w in warm if w is not None]
+        summary["compile"] = {
+            "cold_cache_s": compile_s,
+            "warm_cache_s": statistics.median(warm) if warm else float("nan"),
+        }
+    return summary, rows
+
+
+def write_results(report: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
     (RESULTS / "load_vs_transformers.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(summaries, machine)
-    (RESULTS / "load_vs_transformers.md").write_text("# qloader vs transformers\n\n" + table)
-    print(table)
+    (RESULTS / "load_vs_transformers.md").write_text("# qloader vs transformers\n\n" + markdown(report))
 
 
 if __name__ == "__main__":

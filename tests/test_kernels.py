@@ -1,4 +1,4 @@
-"""quant.kernel=fused: byte-for-byte what bitsandbytes' own quantize_4bit produces, over many inputs."""
+"""quant.kernel=fused: byte-for-byte what bitsandbytes' own quantize_4bit and int8_vectorwise_quant produce."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
 
 import qloader
-from qloader.quant.bnb_kernel import quantize_4bit_kernel
+from qloader.quant import bnb_kernel
+from qloader.quant.bnb_kernel import choose_kernel, quantization_kernels
 
 SHAPES = [(64,), (4, 64), (128, 192), (3, 4096), (333, 128), (1024, 320), (96, 8), (100,), (65, 3)]
 
@@ -37,7 +38,7 @@ def assert_same_quantization(A: torch.Tensor, blocksize: int, quant_type: str, n
     expected, expected_state = F.quantize_4bit(
         A, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested
     )
-    with quantize_4bit_kernel("fused") as report:
+    with quantization_kernels("fused") as report:
         packed, state = F.quantize_4bit(A, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
     covered = A.numel() % blocksize == 0  # finite inputs here; the rest go to bitsandbytes
     assert (report.fused_calls, report.fallback_calls) == ((1, 0) if covered else (0, 1)), report.notes
@@ -65,7 +66,7 @@ def test_fused_kernel_is_bitsandbytes_byte_for_byte(quant_type: str, dtype: torc
 
 def test_uncovered_inputs_fall_back_to_bitsandbytes() -> None:
     odd = torch.randn(100)  # not a multiple of the block size
-    with quantize_4bit_kernel("fused") as report:
+    with quantization_kernels("fused") as report:
         F.quantize_4bit(odd, blocksize=64, quant_type="nf4")
         poisoned = torch.randn(4, 64)
         poisoned[1, 3] = float("nan")
@@ -77,7 +78,7 @@ def test_uncovered_inputs_fall_back_to_bitsandbytes() -> None:
 
 def test_the_kernel_is_only_installed_during_the_block() -> None:
     A = torch.randn(8, 64)
-    with quantize_4bit_kernel("fused") as report:
+    with quantization_kernels("fused") as report:
         pass
     F.quantize_4bit(A, blocksize=64, quant_type="nf4")
     assert report.fused_calls == 0
@@ -94,9 +95,99 @@ def test_fused_load_equals_transformers_and_is_recorded(quant: str, tmp_path) ->
     assert_same_model(result.model, transformers_load(result.checkpoint_path, MODES[mode][1]))
 
 
-def test_choosing_a_kernel_is_not_a_quantization_request() -> None:
-    """A pre-quantized checkpoint's own config is used as is when only quant.kernel is given."""
-    from qloader.quant.merge import quant_overridden
+# ---------------------------------------------------------------- LLM.int8(): int8_vectorwise_quant
 
-    assert not quant_overridden(["quant.kernel=fused", "model=local"])
-    assert quant_overridden(["quant.kernel=fused", "quant.bnb_4bit_quant_type=fp4"])
+INT8_SHAPES = [(1, 64), (4, 64), (128, 192), (3, 4096), (333, 128), (1024, 320), (96, 8), (65, 3), (7, 1)]
+
+
+def int8_inputs(seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) * 10.0 ** (i % 5 - 2) for i, shape in enumerate(INT8_SHAPES)]
+
+
+def int8_ties() -> torch.Tensor:
+    """Rows whose scaled values land exactly on .5 (round half to even) and on the row absmax, both signs."""
+    row = torch.tensor([127.0, -127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 63.5, -63.5, 0.0, -0.0] + [3.0] * 4)
+    return torch.stack([row, row * 2.0**-7, row * 2.0**5, -row])
+
+
+def assert_same_int8(A: torch.Tensor, threshold: float = 0.0, fused_calls: int | None = 1) -> None:
+    expected = F.int8_vectorwise_quant(A.clone(), threshold=threshold)
+    with quantization_kernels("fused") as report:
+        ours = F.int8_vectorwise_quant(A.clone(), threshold=threshold)
+    if fused_calls is not None:
+        assert report.fused_calls == fused_calls, (A.shape, A.dtype, report.as_dict())
+    for got, want in zip(ours, expected, strict=True):
+        if want is None:
+            assert got is None
+            continue
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (A.shape, A.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fused_int8_is_bitsandbytes_byte_for_byte(dtype: torch.dtype) -> None:
+    for seed in range(3):
+        for A in int8_inputs(seed):
+            assert_same_int8(A.to(dtype))
+    assert_same_int8(int8_ties().to(dtype))
+    assert_same_int8(int8_inputs(0)[2].to(dtype), threshold=6.0)  # threshold, no outlier: fused
+
+
+def test_fused_int8_falls_back_for_zero_rows_nonfinite_and_outliers() -> None:
+    zero_row = torch.randn(4, 64, dtype=torch.float16)
+    zero_row[2] = 0
+    inf = torch.randn(4, 64, dtype=torch.float16)
+    inf[1, 5] = float("inf")
+    nan = torch.randn(4, 64, dtype=torch.float16)
+    nan[3, 0] = float("nan")
+    outliers = torch.randn(16, 64, dtype=torch.float16)
+    outliers[3, 7] = 9.0
+    for A, threshold in ((zero_row, 0.0), (inf, 0.0), (nan, 0.0), (outliers, 6.0)):
+        with quantization_kernels("fused") as report:
+            F.int8_vectorwise_quant(A.clone(), threshold=threshold)
+        assert (report.fused_calls, report.fallback_calls) == (0, 1)
+    for A in (zero_row, outliers):  # what bitsandbytes gives, the outlier columns zeroed included
+        assert_same_int8(A, threshold=6.0 if A is outliers else 0.0, fused_calls=None)
+
+
+def test_fused_int8_load_equals_transformers_and_is_recorded(tmp_path) -> None:
+    from oracle import MODES, assert_same_model, transformers_load
+
+    result = qloader.load(["model=tiny-llama", *MODES["int8"][0], "quant.kernel=fused"], run_dir=tmp_path)
+    kernel = result.manifest["quantization"]["kernel"]
+    assert kernel["kernel"] == "fused" and kernel["fused_calls"] == 14 and kernel["fallback_calls"] == 0
+    assert_same_model(result.model, transformers_load(result.checkpoint_path, MODES["int8"][1]))
+
+
+# ---------------------------------------------------------------- quant.kernel=auto
+
+
+def test_auto_picks_fused_only_when_the_elements_win_back_the_first_call(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("QLOADER_CACHE", str(tmp_path))
+    small, why = choose_kernel("auto", "quantize_4bit", 10_000_000)
+    assert small == "bnb" and "not yet cached" in why
+    assert choose_kernel("auto", "quantize_4bit", 2_000_000_000)[0] == "fused"
+    bnb_kernel._record_first_call("quantize_4bit/torch.bfloat16/nf4", 0.5, cold=False)  # this host: a cache hit
+    assert choose_kernel("auto", "quantize_4bit", 100_000_000) == (
+        "fused",
+        "auto: 100,000,000 planned elements save about 2.5 s with the fused kernel, its first call costs 0.5 s "
+        "(cache hit recorded on this host) -> fused",
+    )
+    assert choose_kernel("auto", "int8_vectorwise_quant", 100_000_000)[0] == "bnb"  # int8 has no record yet
+    assert choose_kernel("auto", "quantize_4bit", 0)[0] == "bnb"
+    assert choose_kernel("bnb", "quantize_4bit", 10**12) == ("bnb", "quant.kernel=bnb")
+
+
+def test_auto_load_records_its_choice_and_keeps_the_cache_env_to_the_load(tmp_path, monkeypatch) -> None:
+    import os
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    result = qloader.load(["model=tiny-llama", "quant=bnb-nf4", "quant.kernel=fused"], run_dir=tmp_path / "a")
+    kernel = result.manifest["quantization"]["kernel"]
+    assert kernel["cache_dir"].startswith(os.environ["QLOADER_CACHE"]) and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    assert kernel["first_call_s"] is not None and bnb_kernel.recorded_first_call_s()
+    auto = qloader.load(["model=tiny-llama", "quant=bnb-nf4"], run_dir=tmp_path / "b").manifest
+    kernel = auto["quantization"]["kernel"]
+    assert kernel["requested"] == "auto" and kernel["planned_elements"] > 0 and kernel["reason"].startswith("auto: ")
+    assert kernel["kernel"] == "bnb"  # a tiny model never wins back even a cache hit
+    assert kernel["bnb_calls"] == 14 and kernel["fused_calls"] == 0

@@ -10,15 +10,20 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from qloader.choices import choice_enum
 from qloader.quant.base import QuantConfig, QuantMethod, WeightBytes
 
 QUANT_TYPES = ("nf4", "fp4")
 TORCH_DTYPES = ("bfloat16", "float16", "float32", "float64")
 STORAGE_DTYPES = ("uint8", "int8", "bfloat16", "float16", "float32")
-KERNELS = ("bnb", "fused")
+KERNELS = ("auto", "bnb", "fused")
 # bitsandbytes' 4-bit code book (16 float32) and nested-statistics layout (256-entry code, float32 offset).
 CODE_4BIT_BYTES = 16 * 4
 NESTED_BLOCKSIZE = 256
+# Choice fields: a bad value fails while the config is composed, listing these (qloader.choices).
+QuantType = choice_enum("QuantType", QUANT_TYPES)
+ComputeDtype = choice_enum("ComputeDtype", TORCH_DTYPES)
+StorageDtype = choice_enum("StorageDtype", STORAGE_DTYPES)
 
 
 @dataclass
@@ -32,17 +37,18 @@ class BnbQuantConfig(QuantConfig):
     llm_int8_skip_modules: list[str] | None = None
     llm_int8_enable_fp32_cpu_offload: bool = False
     llm_int8_has_fp16_weight: bool = False
-    bnb_4bit_compute_dtype: str | None = None
+    bnb_4bit_compute_dtype: ComputeDtype | None = None
     """A torch dtype name (bfloat16, float16, float32); null means float32, as in transformers."""
-    bnb_4bit_quant_type: str = "fp4"
+    bnb_4bit_quant_type: QuantType = QuantType["fp4"]
     """nf4 or fp4."""
     bnb_4bit_use_double_quant: bool = False
-    bnb_4bit_quant_storage: str | None = None
+    bnb_4bit_quant_storage: StorageDtype | None = None
     """A torch dtype name for the packed storage; null means uint8."""
-    kernel: str = "bnb"
-    """CPU 4-bit quantization while loading: bnb (bitsandbytes' own kernel) or fused (the same math
-    compiled into one loop by torch.compile; byte-identical output, several times faster, compiled
-    once per machine into the qloader cache). A qloader setting, not passed to the config class."""
+    kernel: str = "auto"
+    """CPU quantization while loading (4-bit and int8): bnb (bitsandbytes' own kernels), fused (the same
+    math compiled into one loop by torch.compile; byte-identical output, several times faster, compiled
+    once per machine into the qloader cache) or auto (fused when the planned elements win back its first
+    call on this host). A qloader setting, not passed to the config class."""
 
 
 class Bitsandbytes(QuantMethod):
@@ -147,7 +153,27 @@ class Bitsandbytes(QuantMethod):
                     yield value
             state = getattr(state, "state2", None)
 
-    def loading_kernel(self, quant: DictConfig) -> AbstractContextManager[Any]:
-        from qloader.quant.bnb_kernel import quantize_4bit_kernel
+    def loading_kernel(
+        self, quant: DictConfig, model: Any = None, device_map: dict | None = None
+    ) -> AbstractContextManager[Any]:
+        """bitsandbytes' CPU quantization ops, fused or not (`quant.kernel`), for the load stage only."""
+        from qloader.quant.bnb_kernel import quantization_kernels
 
-        return quantize_4bit_kernel(quant.kernel)
+        op = "int8_vectorwise_quant" if quant.load_in_8bit else "quantize_4bit"
+        elements = 0 if model is None else cpu_quantized_elements(self, model, device_map or {"": "cpu"})
+        return quantization_kernels(quant.kernel, elements, op, on_cpu=elements > 0)
+
+
+def cpu_quantized_elements(method: QuantMethod, model: Any, device_map: dict) -> int:
+    """Elements of the weights the method quantizes that are placed on the CPU (the skeleton may be on meta)."""
+
+    def device_of(name: str) -> str:
+        while name and name not in device_map:
+            name = name.rpartition(".")[0]
+        return str(device_map.get(name, "cpu"))
+
+    return sum(
+        module.weight.numel()
+        for name, module in model.named_modules()
+        if method.quantized_class(module) is not None and device_of(name) == "cpu"
+    )
