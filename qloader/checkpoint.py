@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qloader.errors import CheckpointError, UnsafeCheckpointError
-from qloader.integrity import check_index, describe_bad_shard, is_lfs_pointer
+from qloader.integrity import check_index, describe_bad_shard, is_lfs_pointer, read_hash_cache
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -47,6 +47,8 @@ class Checkpoint:
     """Time spent hashing input files (files unchanged since a previous run come from the cache)."""
     hashed_files: int = 0
     """How many files were hashed afresh, rather than taken from the hash cache."""
+    hub: dict | None = None
+    """model=hub: repo_id, the revision asked for, and the commit it resolved to."""
 
     @property
     def largest_shard_bytes(self) -> int:
@@ -119,20 +121,22 @@ def _find_shards(folder: Path, allow_pickle: bool) -> tuple[list[Path], Path | N
 
 
 class HashCache:
-    """sha256 of files keyed by (path, size, mtime), kept in qloader's cache dir, never beside the files."""
+    """sha256 of files keyed by (path, size, mtime), kept in qloader's cache dir, never beside the files.
 
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            self.entries: dict[str, dict] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            self.entries = {}
-        self.misses = 0
+    The cache trusts that a file with the same path, size and mtime holds the same bytes; `trust=False`
+    (model.verify_hashes=true) hashes every file afresh. A cache file of the wrong shape is ignored
+    with one warning and rewritten.
+    """
+
+    def __init__(self, path: Path, trust: bool = True):
+        self.path, self.trust, self.misses = path, trust, 0
+        self.entries, well_formed = read_hash_cache(path)
+        self.rewrite = not well_formed  # a malformed cache is replaced by the entries that were sound
 
     def sha256(self, file: Path) -> str:
         stat = file.stat()
         key = str(file.resolve())
-        entry = self.entries.get(key)
+        entry = self.entries.get(key) if self.trust else None
         if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
             return entry["sha256"]
         self.misses += 1
@@ -141,17 +145,18 @@ class HashCache:
         return digest
 
     def save(self) -> None:
-        if self.misses:
+        if self.misses or self.rewrite:
             from qloader.manifest import write_json_atomic
 
             with contextlib.suppress(OSError):  # a cache that cannot be written only costs time next run
                 write_json_atomic(self.path, self.entries)
 
 
-def default_hash_cache() -> HashCache:
+def default_hash_cache(trust: bool = True) -> HashCache:
+    """qloader's hash cache; `trust=False` rehashes every file (and refreshes the cache)."""
     from qloader.sources import cache_dir
 
-    return HashCache(cache_dir() / "sha256-cache.json")
+    return HashCache(cache_dir() / "sha256-cache.json", trust=trust)
 
 
 def inspect_checkpoint(

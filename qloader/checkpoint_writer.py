@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -10,6 +11,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from qloader.checkpoint import Checkpoint, inspect_checkpoint
+from qloader.permissions import follow_umask
+
+log = logging.getLogger("qloader")
 
 # Tokenizer files travel with the weights, copied as they are from the source checkpoint.
 TOKENIZER_FILES = (
@@ -37,8 +41,24 @@ def check_save_fields(save: DictConfig) -> list[str]:
     return []
 
 
+def save_loaded_model(model, quantization_config, source: Path, save: DictConfig) -> Checkpoint:
+    """The `save` stage and `LoadResult.save`: refuse what the method cannot serialize, then write."""
+    from qloader.errors import ConfigError
+    from qloader.quant.registry import method_of
+
+    method = method_of(quantization_config)
+    if method is not None and (why := method.check_save_model(model)):
+        raise ConfigError([f"save.enabled=true: {why}; load without saving (save.enabled=false)"])
+    if method is not None and (note := method.save_note(model)):
+        log.info("save: %s", note)
+    return save_checkpoint(model, source, save)
+
+
 def save_checkpoint(model, source: Path, save: DictConfig) -> Checkpoint:
-    """`save_pretrained` into a temp folder beside the target, then one rename: never half-written."""
+    """`save_pretrained` into a temp folder beside the target, then one rename: never half-written.
+
+    The folder and its files get the modes the user's umask gives (mkdtemp alone would make them private).
+    """
     target = Path(save.dir).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -47,6 +67,7 @@ def save_checkpoint(model, source: Path, save: DictConfig) -> Checkpoint:
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
+        follow_umask(tmp)
         os.rename(tmp, target)  # replaces an empty target folder too
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

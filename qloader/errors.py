@@ -51,8 +51,20 @@ class ProbeError(QloaderError):
     """The fidelity probe cannot run on this model."""
 
 
+class SaveError(QloaderError):
+    """The loaded model can no longer be saved as it was loaded (a forward pass rewrote its weights)."""
+
+
+class ManifestError(QloaderError):
+    """A manifest.json is not one qloader can read (not JSON, or a field of the wrong shape)."""
+
+
 class OutputError(QloaderError):
     """The run's own output (manifest, run dir) cannot be written."""
+
+
+class RunDirInUseError(OutputError):
+    """The run dir already holds a manifest.json, another run's record, which is never overwritten."""
 
 
 class RunKilled(KeyboardInterrupt):

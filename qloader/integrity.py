@@ -240,3 +240,37 @@ def nonfinite_weights(model, offloaded=None, storage_tensors=None) -> list[str]:
                 bad.append(f"{name} ({kind})")
                 break
     return bad
+
+
+def read_hash_cache(path: Path) -> tuple[dict[str, dict], bool]:
+    """The entries of `sha256-cache.json` that have the right shape, and whether the file was well-formed
+    (a missing file is); anything else is dropped with one warning.
+
+    The cache only saves time, so a file that is not JSON, or JSON of the wrong shape (`[]`, `null`, an
+    entry without `mtime_ns`), must never stop a run: it is ignored and rewritten.
+    """
+    import logging
+
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}, True
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raw, why = None, f"not readable JSON ({e})"
+    else:
+        why = None if isinstance(raw, dict) else f"a JSON {type(raw).__name__}, not an object"
+    entries = {key: entry for key, entry in raw.items() if _hash_entry_ok(entry)} if why is None else {}
+    if why is None and len(entries) < len(raw):
+        why = f"{len(raw) - len(entries)} malformed entr{'y' if len(raw) - len(entries) == 1 else 'ies'}"
+    if why is not None:
+        logging.getLogger("qloader").warning("hash cache %s: %s; ignoring it, files are hashed afresh", path, why)
+    return entries, why is None
+
+
+def _hash_entry_ok(entry: object) -> bool:
+    """{"size": int, "mtime_ns": int, "sha256": 64 hex digits}."""
+    if not isinstance(entry, dict):
+        return False
+    size, mtime, digest = entry.get("size"), entry.get("mtime_ns"), entry.get("sha256")
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (size, mtime))
+    return ints and isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)

@@ -1,6 +1,7 @@
 """The run manifest: one JSON record per run, written atomically (temp file, fsync, rename).
 
-`running` is written first; the same file then becomes `succeeded` or `failed`. Its sections are
+`running` is written first, and only where no manifest exists yet: another run's record is never
+overwritten. The same file then becomes `succeeded`, `failed` or `killed`. Its sections are
 built from what the stages returned (the final `LoadContext`), never re-derived afterwards.
 Its JSON Schema ships beside this module as `manifest.schema.json`.
 """
@@ -8,6 +9,7 @@ Its JSON Schema ships beside this module as `manifest.schema.json`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from datetime import datetime, timezone
@@ -17,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from qloader import environment
-from qloader.errors import OutputError
+from qloader.errors import OutputError, RunDirInUseError
 from qloader.measure import StageStats, memory_method
 
 SCHEMA_VERSION = 1
@@ -50,8 +52,12 @@ def check_output_dir(path: Path) -> None:
         raise OutputError(f"run dir '{path}' cannot be written: '{existing}' is not writable")
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Readers see the old file or the new one, never a torn write."""
+def write_json_atomic(path: Path, data: dict, exclusive: bool = False) -> None:
+    """Readers see the old file or the new one, never a torn write.
+
+    `exclusive`: create `path` only if it does not exist (FileExistsError otherwise), still atomically:
+    the complete temp file is hard-linked into place, which never replaces an existing file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -60,16 +66,58 @@ def write_json_atomic(path: Path, data: dict) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            _link_exclusive(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _link_exclusive(tmp: Path, path: Path) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: claim the name first, then fill it
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        os.replace(tmp, path)
+
+
+def new_run_dir(root: Path) -> Path:
+    """`root/DATE/HH-MM-SS-PID`, created now and by this process only (`-1`, `-2`, ... if taken).
+
+    Two runs started in the same second never share a run dir, so neither record overwrites the other.
+    """
+    now = datetime.now()
+    base = Path(root) / now.strftime("%Y-%m-%d") / f"{now.strftime('%H-%M-%S')}-{os.getpid()}"
+    for n in itertools.count():
+        candidate = base if n == 0 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.parent.mkdir(parents=True, exist_ok=True)
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OutputError(f"run dir '{candidate}' cannot be created: {e.strerror or e}") from e
+    raise AssertionError("unreachable")
+
+
+def register_run_dir_resolver() -> None:
+    """`${qloader.pid:}` in conf/config.yaml's run and sweep dirs: the launching process's id, resolved
+    once (cached, and carried to joblib's workers with the config like Hydra's `${now:}`)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("qloader.pid"):
+        OmegaConf.register_new_resolver("qloader.pid", lambda: str(os.getpid()), use_cache=True)
 
 
 def _device_map_json(device_map: dict | None) -> dict | None:
     return None if device_map is None else {module: str(device) for module, device in device_map.items()}
 
 
-def _checkpoint_section(checkpoint) -> dict | None:
+def checkpoint_section(checkpoint) -> dict | None:
     if checkpoint is None:
         return None
     files = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in checkpoint.files]
@@ -79,6 +127,7 @@ def _checkpoint_section(checkpoint) -> dict | None:
         "files": files,
         "hash_seconds": checkpoint.hash_seconds,
         "hashed_files": checkpoint.hashed_files,
+        "hub": checkpoint.hub,
     }
 
 
@@ -169,7 +218,9 @@ class RunManifest:
             "status": "running",
             "started_at": _now(),
             "finished_at": None,
+            "pid": os.getpid(),
             "run_dir": str(path.parent),
+            "cwd": os.getcwd(),
             "config": config,
             "overrides": list(overrides),
             "choices": dict(choices or {}),
@@ -190,32 +241,39 @@ class RunManifest:
             "error": None,
         }
 
-    def _write(self) -> None:
+    def _write(self, exclusive: bool = False) -> None:
         try:
-            write_json_atomic(self.path, self.data)
+            write_json_atomic(self.path, self.data, exclusive=exclusive)
+        except FileExistsError:
+            raise RunDirInUseError(
+                f"run dir '{self.path.parent}' already holds a manifest.json, the record of another run; "
+                "choose a new run dir (hydra.run.dir=..., or run_dir=... in qloader.load): "
+                "a manifest is never overwritten"
+            ) from None
         except OSError as e:
             raise OutputError(f"cannot write the run manifest {self.path}: {e.strerror or e}") from e
 
     def begin(self) -> RunManifest:
-        self._write()
+        """Create the manifest (`running`); an existing one, another run's record, is an OutputError."""
+        self._write(exclusive=True)
         return self
 
     def add_stage(self, stats: StageStats) -> None:
         self.data["stages"].append(stats.as_dict())
 
     def _finish(self, status: str, ctx) -> dict:
-        self.data.update(
-            status=status,
-            finished_at=_now(),
-            checkpoint=_checkpoint_section(ctx.checkpoint),
-            quantization=_quantization_section(ctx),
-            environment=ctx.environment or None,
-            plan=None if ctx.plan is None else _plan_section(ctx),
-            model=_model_section(ctx),
-            weights_fingerprint=None if ctx.inventory is None else ctx.inventory.weights_fingerprint,
-            saved=_checkpoint_section(ctx.saved),
-            probe=ctx.probe,
-        )
+        self.data.update(status=status, finished_at=_now())
+        if ctx is not None:  # None: a job that was interrupted before its process ran a stage
+            self.data.update(
+                checkpoint=checkpoint_section(ctx.checkpoint),
+                quantization=_quantization_section(ctx),
+                environment=ctx.environment or None,
+                plan=None if ctx.plan is None else _plan_section(ctx),
+                model=_model_section(ctx),
+                weights_fingerprint=None if ctx.inventory is None else ctx.inventory.weights_fingerprint,
+                saved=checkpoint_section(ctx.saved),
+                probe=ctx.probe,
+            )
         self.data["hardware"] = environment.hardware()  # GPUs are only known once torch is imported
         self._write()
         return self.data
@@ -226,9 +284,38 @@ class RunManifest:
     def fail(self, error: BaseException, stage: str | None, ctx) -> dict:
         """Record the failure; if even that cannot be written, the file keeps its last complete state."""
         status = "killed" if isinstance(error, KeyboardInterrupt) else "failed"
-        message = str(error) or ("interrupted (SIGINT)" if status == "killed" else "")
+        message = str(error) or ("interrupted (SIGINT)" if status == "killed" else type(error).__name__)
         self.data["error"] = {"type": type(error).__name__, "message": message, "stage": stage}
         try:
             return self._finish(status, ctx)
         except OutputError:
             return self.data
+
+
+def record_killed_job(job_dir: Path, error_type: str, message: str) -> str:
+    """After an interrupted sweep: a job whose process ended without writing its end becomes `killed`.
+
+    A manifest still `running` gets the status and the error; a job dir with no manifest (the job was
+    launched but its process never began) gets a `killed` manifest built from Hydra's `.hydra/` record.
+    Returns the job's final status (`missing` for a folder with neither).
+    """
+    path = job_dir / "manifest.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = None
+        if not isinstance(data, dict) or data.get("status") != "running":
+            return data.get("status", "unreadable") if isinstance(data, dict) else "unreadable"
+        data.update(status="killed", finished_at=_now(), error={"type": error_type, "message": message, "stage": None})
+        write_json_atomic(path, data)
+        return "killed"
+    hydra_dir = job_dir / ".hydra"
+    if not (hydra_dir / "config.yaml").is_file():
+        return "missing"
+    cfg = OmegaConf.load(hydra_dir / "config.yaml")
+    overrides = list(OmegaConf.load(hydra_dir / "overrides.yaml")) if (hydra_dir / "overrides.yaml").is_file() else []
+    manifest = RunManifest(path, cfg, overrides)
+    manifest.data["error"] = {"type": error_type, "message": message, "stage": None}
+    manifest._finish("killed", None)
+    return "killed"

@@ -2,8 +2,10 @@
 
 Peak RSS comes from the kernel's high-water mark (`VmHWM`), reset at each stage start through
 `/proc/self/clear_refs`. The kernel keeps no such mark for anonymous memory, so a helper process
-reads this process's `RssAnon` every few milliseconds. Where `/proc` lacks these, figures are None and
-`MEMORY_METHOD` says why.
+reads this process's `RssAnon` every few milliseconds. On a busy machine the helper can be descheduled
+and miss a short peak: it records its longest gap between two samples, and a stage whose gap exceeded
+`EXACT_GAP_S` is marked `anon_peak_exact: false` (the true peak is at least the recorded one).
+Where `/proc` lacks these, figures are None and `memory_method()` says why.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 SAMPLE_INTERVAL_S = 0.002
+EXACT_GAP_S = 0.02
+"""A sampling gap over ten intervals: an allocation that lived shorter than that could be missed."""
 
 
 def _read_status(*keys: str) -> dict[str, int | None]:
@@ -52,16 +56,19 @@ def memory_method() -> dict[str, str | None]:
         "rss_peak": "VmHWM, reset per stage via /proc/self/clear_refs"
         if status["VmHWM"] is not None and _reset_hwm()
         else None,
-        "anon_peak": f"RssAnon sampled every {SAMPLE_INTERVAL_S * 1000:g} ms by a helper process"
+        "anon_peak": f"RssAnon sampled every {SAMPLE_INTERVAL_S * 1000:g} ms by a helper process; a stage whose"
+        f" longest sampling gap exceeded {EXACT_GAP_S * 1000:g} ms has anon_peak_exact false"
         if status["RssAnon"] is not None
         else None,
     }
 
 
 # Runs in its own process, so it keeps sampling while this one holds the GIL in a long C call.
-# Each line on stdin asks for the peak since the previous line, answered on stdout.
+# Each line on stdin asks for the peak since the previous line and the longest gap between two
+# samples in that window (microseconds), answered on stdout as "PEAK GAP".
 _SAMPLER = r"""
-import select, sys
+import select, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the measured process's to handle; EOF ends this one
 path, interval, field = f"/proc/{sys.argv[1]}/status", float(sys.argv[2]), sys.argv[3] + ":"
 def anon():
     try:
@@ -71,18 +78,19 @@ def anon():
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
-peak = anon() or 0
+peak, gap, last = anon() or 0, 0.0, time.monotonic()
 while True:
     ready = select.select([sys.stdin], [], [], interval)[0]
     value = anon()
     if value is None:
         break
-    peak = max(peak, value)
+    now = time.monotonic()
+    peak, gap, last = max(peak, value), max(gap, now - last), now
     if ready:
         if not sys.stdin.readline():
             break
-        print(peak, flush=True)
-        peak = value
+        print(peak, int(gap * 1e6), flush=True)
+        peak, gap = value, 0.0
 """
 
 
@@ -113,12 +121,17 @@ class PeakSampler:
 
     def peak(self) -> int | None:
         """The highest value since the last call (the first call starts the window)."""
+        return self.window()[0]
+
+    def window(self) -> tuple[int | None, float | None]:
+        """The highest value since the last call, and the longest gap between two samples (seconds)."""
         try:
             self._proc.stdin.write("\n")
             self._proc.stdin.flush()
-            return int(self._proc.stdout.readline())
+            peak, gap_us = self._proc.stdout.readline().split()
+            return int(peak), int(gap_us) / 1e6
         except (OSError, ValueError):
-            return None
+            return None, None
 
 
 @dataclass
@@ -129,6 +142,10 @@ class StageStats:
     rss_peak_bytes: int | None = None
     anon_start_bytes: int | None = None
     anon_peak_bytes: int | None = None
+    anon_peak_exact: bool | None = None
+    """False when the sampler was starved (gap over EXACT_GAP_S): the true peak may be higher."""
+    anon_max_gap_ms: float | None = None
+    """The longest gap between two RssAnon samples during the stage."""
     cuda: dict[str, dict[str, int]] | None = None
     status: str = "running"
 
@@ -177,11 +194,15 @@ def measure_stage(name: str) -> Iterator[StageStats]:
     try:
         yield stats
         stats.status = "succeeded"
-    except BaseException:
-        stats.status = "failed"
+    except BaseException as error:
+        stats.status = "killed" if isinstance(error, KeyboardInterrupt) else "failed"
         raise
     finally:
         stats.wall_s = round(time.perf_counter() - t0, 4)
-        stats.anon_peak_bytes = sampler.peak() if sampler is not None else None
+        if sampler is not None:
+            stats.anon_peak_bytes, gap = sampler.window()
+            if gap is not None:
+                stats.anon_max_gap_ms = round(gap * 1000, 1)
+                stats.anon_peak_exact = gap <= EXACT_GAP_S
         stats.rss_peak_bytes = _read_status("VmHWM")["VmHWM"] if hwm_reset else None
         stats.cuda = _cuda_peaks()

@@ -20,7 +20,7 @@ from pathlib import Path
 from qloader.errors import CheckpointError
 
 # `model` fields that are qloader settings rather than arguments of the model source.
-MODEL_SETTINGS = ("expected_sha256", "allow_pickle", "trust_remote_code", "task")
+MODEL_SETTINGS = ("expected_sha256", "verify_hashes", "allow_pickle", "trust_remote_code", "task")
 
 
 def checkpoint_folder(model) -> Path:
@@ -48,23 +48,67 @@ def cache_dir() -> Path:
     return Path(base) / "qloader"
 
 
+BUILD_PREFIX = ".build-"
+"""Temp folders of cache builds: `.build-<name>-<random>`, next to their lock file `.build-<name>.lock`."""
+
+
 def _build_once(name: str, build: Callable[[Path], None]) -> Path:
-    """Return cache/<name>, building it with `build(tmp_dir)` first if it is not there yet."""
+    """Return cache/<name>, building it with `build(tmp_dir)` first if it is not there yet.
+
+    The build holds a lock (fcntl) on `.build-<name>.lock`: a second process waits for the first
+    and then uses its result, instead of building again beside it. Under the lock, temp folders that
+    a killed build left behind are removed. The finished folder gets the modes the user's umask gives.
+    """
+    import fcntl
+
+    from qloader.permissions import follow_umask
+
     target = cache_dir() / name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        build(tmp)
+    with open(target.parent / f"{BUILD_PREFIX}{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process is killed
+        remove_abandoned_builds(target.parent, held=name)
+        if (target / "config.json").is_file():  # built by the process that held the lock before
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f"{BUILD_PREFIX}{name}-", dir=target.parent))
         try:
+            build(tmp)
+            follow_umask(tmp)
             tmp.rename(target)
-        except OSError:  # another process finished first: keep its copy
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def remove_abandoned_builds(cache: Path, held: str | None = None) -> list[Path]:
+    """Remove the temp folders of builds whose process is gone (their lock is free); returns them.
+
+    `held`: the build whose lock this process holds; its leftovers (also those named `.<name>-*`, as
+    builds were named before they were locked) are all abandoned.
+    """
+    import fcntl
+
+    removed = []
+    for lock_path in cache.glob(f"{BUILD_PREFIX}*.lock"):
+        name = lock_path.name[len(BUILD_PREFIX) : -len(".lock")]
+        leftovers = [p for p in cache.glob(f"{BUILD_PREFIX}{name}-*") if p.is_dir()]
+        if name == held:
+            leftovers += [p for p in cache.glob(f".{name}-*") if p.is_dir()]
+        if not leftovers:
+            continue
+        with open(lock_path, "a") as lock:
+            # a second lock on the file this process holds would conflict with its own: skip it for `held`
+            try:
+                if name != held:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a build of that name is running now
+            for leftover in leftovers:
+                shutil.rmtree(leftover, ignore_errors=True)
+                removed.append(leftover)
+    return removed
 
 
 def smollm2_checkpoint(gguf_package: str, gguf_file: str, max_shard_size: str) -> Path:
@@ -141,8 +185,47 @@ def local_checkpoint(path: str) -> Path:
 
 
 def hub_checkpoint(repo_id: str, revision: str | None = None) -> Path:
-    """A Hugging Face Hub repo, downloaded (config, safetensors, tokenizer) into the hub cache."""
+    """A Hugging Face Hub repo, downloaded (config, safetensors, tokenizer) into the hub cache.
+
+    Offline (`HF_HUB_OFFLINE=1`) the hub cache answers alone: a branch resolves through its `refs/`
+    file, a commit to its snapshot. The snapshot folder is named after the commit (see `hub_origin`).
+    """
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        asked = f"{repo_id}@{revision}" if revision else repo_id
+        raise CheckpointError(
+            f"model.repo_id '{asked}' could not be fetched from the hub or found in its cache "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the name, model.revision and the "
+            "connection, or use model=local"
+        ) from e
+
+
+def hub_origin(model, path: Path) -> dict | None:
+    """For model=hub: the repo, the revision asked for, and the commit it resolved to (the snapshot's name)."""
+    if model.get("_target_") != "qloader.sources.hub_checkpoint":
+        return None
+    commit = path.name if path.parent.name == "snapshots" else None
+    return {"repo_id": model.repo_id, "revision": model.get("revision"), "commit": commit}
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def checkpoint_tokenizer(folder: Path):
+    """`AutoTokenizer` from a checkpoint folder; a folder without tokenizer files is one CheckpointError line."""
+    from transformers import AutoTokenizer
+
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"checkpoint '{folder}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer "
+            "files of the model it came from into it, or load a tokenizer from that model's folder"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, ImportError) as e:
+        raise CheckpointError(f"checkpoint '{folder}': its tokenizer cannot be loaded: {str(e).strip()}") from e

@@ -8,6 +8,16 @@ def mib(n: int | None) -> str:
 
 
 def render(manifest: dict) -> str:
+    """The summary printed after a run; a manifest with a field of the wrong shape is a ManifestError."""
+    try:
+        return _render(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+        from qloader.errors import ManifestError
+
+        raise ManifestError(f"the manifest cannot be summarized: {type(e).__name__}: {e}"[:300]) from e
+
+
+def _render(manifest: dict) -> str:
     model, quant = manifest["model"], manifest["quantization"]
     kinds = ", ".join(f"{n} {cls}" for cls, n in model["quantized_module_classes"].items()) or "none"
     share = ""
@@ -27,17 +37,20 @@ def render(manifest: dict) -> str:
         "",
         f"  {'stage':<12}{'wall_s':>9}{'peak RSS':>14}{'peak anon':>14}",
     ]
+    gaps = []
     for stage in manifest["stages"]:
-        lines.append(
-            f"  {stage['name']:<12}{stage['wall_s']:>9.3f}"
-            f"{mib(stage['rss_peak_bytes']):>14}{mib(stage['anon_peak_bytes']):>14}"
-        )
+        anon = mib(stage["anon_peak_bytes"])
+        if stage.get("anon_peak_exact") is False:  # the sampler was starved: the true peak may be higher
+            anon, gaps = f">= {anon}", [*gaps, f"{stage['name']} {stage.get('anon_max_gap_ms')} ms"]
+        lines.append(f"  {stage['name']:<12}{stage['wall_s']:>9.3f}{mib(stage['rss_peak_bytes']):>14}{anon:>14}")
     total = sum(s["wall_s"] for s in manifest["stages"])
-    lines += [f"  {'total':<12}{total:>9.3f}", ""]
+    lines.append(f"  {'total':<12}{total:>9.3f}")
+    if gaps:
+        lines.append(f"  >= peak anon: sampled with gaps up to {', '.join(gaps)} (a busy CPU); a peak may be missed")
+    lines.append("")
     if probe := manifest.get("probe"):
         lines += [
-            f"  probe          perplexity {probe['perplexity']} (unquantized {probe['reference_perplexity']}),"
-            f" top-1 agreement {probe['top1_agreement']}, mean KL {probe['mean_kl']}",
+            f"  probe          {_probe_line(probe)}",
             f"  sample         {probe['sample']['prompt']!r} -> {probe['sample']['output']!r}",
         ]
     if manifest.get("saved"):
@@ -67,3 +80,16 @@ def _kept_lines(model: dict, quant: dict) -> list[str]:
         f"  {'kept' if i == 0 else '':<15}{g['modules']} ({g['module_class']}: {g['reason']})"
         for i, g in enumerate(groups)
     ]
+
+
+def _probe_line(probe: dict) -> str:
+    """What the probe measured, and against what; a pre-quantized checkpoint is compared with nothing."""
+    parts = []
+    if probe.get("perplexity") is not None:
+        reference = probe.get("reference_perplexity")
+        parts.append(f"perplexity {probe['perplexity']}" + (f" (unquantized {reference})" if reference else ""))
+    if probe.get("top1_agreement") is not None:
+        parts.append(f"top-1 agreement {probe['top1_agreement']}, mean KL {probe['mean_kl']}")
+    if compared := probe.get("compared_with"):
+        parts.append(f"against {compared}" if probe.get("top1_agreement") is not None else f"not compared: {compared}")
+    return ", ".join(parts)

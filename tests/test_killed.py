@@ -103,5 +103,21 @@ def test_disk_full_while_writing_the_manifest(tiny_checkpoint, tmp_path, monkeyp
     with pytest.raises(OutputError, match="cannot write the run manifest .*: No space left on device"):
         qloader.load(["model=local", f"model.path={folder}", "quant=bnb-nf4"], run_dir=run_dir)
     assert read_manifest(run_dir)["status"] == "running"
-    assert [p.name for p in run_dir.iterdir()] == ["manifest.json"]  # no temp file left behind
+    assert {p.name for p in run_dir.iterdir()} - {"qloader.log"} == {"manifest.json"}  # no temp file left behind
     assert tree_state(folder) == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_repeated_signal_does_not_cut_the_record_short(tmp_path, sig) -> None:
+    """Ctrl-C pressed twice (or a signal passed on by a sweep after the terminal's): one line, a `killed` record."""
+    slow = ["model=tiny-llama", "model.hidden_size=1024", "model.intermediate_size=2816", "model.num_hidden_layers=4"]
+    process = start_cli(*slow, "quant=bnb-nf4", run_dir=tmp_path)
+    wait_for_output(process, b"load 0/")
+    process.send_signal(sig)
+    process.send_signal(sig)
+    stderr = process.communicate(timeout=120)[1].decode()
+    name = signal.Signals(sig).name
+    assert process.returncode == 128 + sig, stderr
+    assert stderr.count(f"qloader: killed by {name}") == 1 and "Traceback" not in stderr, stderr
+    manifest = read_manifest(tmp_path)
+    assert manifest["status"] == "killed" and manifest["stages"][-1]["status"] == "killed"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from qloader.measure import measure_stage, memory_method
@@ -29,3 +31,29 @@ def test_failed_stage_is_still_measured() -> None:
     with pytest.raises(RuntimeError), measure_stage("broken") as stats:
         raise RuntimeError("boom")
     assert stats.status == "failed" and stats.wall_s >= 0 and stats.rss_peak_bytes is not None
+
+
+@pytest.mark.skipif(memory_method()["anon_peak"] is None, reason="no RssAnon on this platform")
+def test_a_starved_sampler_marks_the_peak_inexact() -> None:
+    """A sampler that cannot run (stopped here, descheduled on a busy machine) misses a short-lived peak:
+    the stage says so, with the gap, instead of passing the figure off as the peak."""
+    import os
+    import signal
+
+    from qloader.measure import EXACT_GAP_S, PeakSampler
+
+    sampler = PeakSampler.shared()
+    with measure_stage("calm") as calm:
+        pass
+    with measure_stage("starved") as starved:
+        os.kill(sampler._proc.pid, signal.SIGSTOP)
+        try:
+            block = bytearray(100 * MiB)
+            block[::4096] = b"x" * len(block[::4096])  # touch every page
+            del block  # gone before the sampler runs again
+            time.sleep(3 * EXACT_GAP_S)
+        finally:
+            os.kill(sampler._proc.pid, signal.SIGCONT)
+    assert starved.anon_peak_exact is False and starved.anon_max_gap_ms >= 3000 * EXACT_GAP_S
+    assert starved.anon_peak_bytes - starved.anon_start_bytes < 50 * MiB  # the 100 MiB peak was missed
+    assert calm.anon_max_gap_ms is not None and calm.anon_max_gap_ms >= 0

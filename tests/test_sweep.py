@@ -73,9 +73,14 @@ def test_failed_job_gets_a_row_and_the_sweep_exits_nonzero(tiny_checkpoint, tmp_
 
 
 def test_each_job_measures_only_its_own_memory(tmp_path) -> None:
-    """The small job's load-stage peak anon is the same first, second, or alone: within 16 MiB, half the least
+    """The small job's load stage measures the same first, second, or alone: within 16 MiB, half the least
     growth the big job must show, so a leak of the big job's weights (over 30 MiB) cannot hide in it; the
-    import-time heap varies by up to about 9 MiB between processes."""
+    import-time heap varies by up to about 9 MiB between processes.
+
+    The comparison uses the stage's peak RSS, the kernel's own high-water mark (VmHWM, reset per stage): it
+    cannot miss a peak, however busy the machine. Peak anon comes from a sampling process that a busy CPU
+    can starve; those figures are compared only where the manifest marks them exact.
+    """
     common = ["model=tiny-llama", "model.intermediate_size=2816", "model.num_hidden_layers=4", "quant=bnb-int8"]
     # Generate both checkpoints first: a job that builds its checkpoint frees that memory before the load
     # stage, which then reuses it and shows little anon growth.
@@ -89,13 +94,12 @@ def test_each_job_measures_only_its_own_memory(tmp_path) -> None:
     alone = sweep(*common, "model.hidden_size=64", sweep_dir=tmp_path / "c")
     assert small_first.returncode == big_first.returncode == alone.returncode == 0
     big = load_stage(tmp_path / "a", 1)
-    assert big["anon_peak_bytes"] - big["anon_start_bytes"] > 30 * MiB  # clearly different sizes
-    peaks = [
-        load_stage(tmp_path / "a", 0)["anon_peak_bytes"],
-        load_stage(tmp_path / "b", 1)["anon_peak_bytes"],
-        load_stage(tmp_path / "c", 0)["anon_peak_bytes"],
-    ]
-    assert max(peaks) - min(peaks) < 16 * MiB, [p / MiB for p in peaks]
+    assert big["rss_peak_bytes"] - big["rss_start_bytes"] > 30 * MiB  # clearly different sizes
+    small = [load_stage(tmp_path / "a", 0), load_stage(tmp_path / "b", 1), load_stage(tmp_path / "c", 0)]
+    rss = [s["rss_peak_bytes"] for s in small]
+    assert max(rss) - min(rss) < 16 * MiB, [p / MiB for p in rss]
+    exact = [s["anon_peak_bytes"] for s in small if s["anon_peak_exact"]]
+    assert max(exact, default=0) - min(exact, default=0) < 16 * MiB, [p / MiB for p in exact]
 
 
 def test_joblib_sweep_runs(tmp_path) -> None:

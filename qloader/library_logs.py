@@ -1,0 +1,74 @@
+"""Library chatter goes to the run's `qloader.log`, not the terminal.
+
+bitsandbytes, torchao and the kernels hub log warnings on every run that tell a user nothing they
+can act on (a CPU kernel that could not be fetched, CUDA extensions missing on a CPU host, a dtype
+cast repeated for every int8 layer). During a run their `logging` records and Python `warnings`
+raised from their code are written to the log file only. qloader's own messages and errors, and
+every other library's, reach the terminal as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+LIBRARY_LOGGERS = (
+    "bitsandbytes",
+    "torchao",
+    "kernels",
+    "optimum.quanto",
+    "torch.utils._pytree",  # torchao's import registers enums the way torch now deprecates, once per enum
+)
+"""Loggers whose records go to the log file only."""
+LIBRARY_PACKAGES = ("bitsandbytes", "torchao", "kernels", "optimum/quanto")
+"""Packages whose own `warnings.warn` calls go to the log file only (matched on the warning's file)."""
+FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+def _from_library(filename: str) -> bool:
+    path = Path(filename).as_posix()
+    return any(f"/site-packages/{package}/" in path for package in LIBRARY_PACKAGES)
+
+
+@contextmanager
+def library_records_to(log_path: Path) -> Iterator[None]:
+    """While the block runs, the libraries' log records and warnings go to `log_path` (appended)."""
+    with ExitStack() as stack:
+        handler = _file_handler(log_path)
+        if handler is None:  # no log file can be written: leave the terminal as it was
+            yield
+            return
+        stack.callback(handler.close)
+        for name in LIBRARY_LOGGERS:
+            logger = logging.getLogger(name)
+            previous = logger.propagate
+            logger.addHandler(handler)
+            logger.propagate = False
+            stack.callback(setattr, logger, "propagate", previous)
+            stack.callback(logger.removeHandler, handler)
+        stack.enter_context(warnings.catch_warnings())  # restores showwarning afterwards
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if not _from_library(filename):
+                shown(message, category, filename, lineno, file, line)
+                return
+            text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+            fields = {"name": "py.warnings", "levelname": "WARNING", "levelno": logging.WARNING, "msg": text}
+            handler.handle(logging.makeLogRecord(fields))
+
+        warnings.showwarning = show
+        yield
+
+
+def _file_handler(log_path: Path) -> logging.Handler | None:
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_path, mode="a", encoding="utf-8", delay=True)  # no record, no file
+    except OSError:
+        return None
+    handler.setFormatter(logging.Formatter(FORMAT))
+    return handler
