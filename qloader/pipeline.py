@@ -2,20 +2,50 @@
 
 from __future__ import annotations
 
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from qloader.errors import RunKilled
+from qloader.interrupts import signals_as_interrupt
+from qloader.library_logs import library_records_to
 from qloader.manifest import RunManifest
 from qloader.measure import measure_stage
-from qloader.stages import LoadContext, stages_for
+from qloader.stages import STAGE_NAMES, LoadContext, stages_for
+
+WEIGHTS_FINAL_AFTER = STAGE_NAMES[-1]
+"""After this stage (postprocess) the weights are what `save` writes and the fingerprint covers."""
+
+
+class ForwardWatch:
+    """Notes the model's first forward pass (a pre-hook on every module that holds weights, then removed).
+
+    Some methods rewrite their weights on the first forward (bitsandbytes repacks 4-bit weights for
+    AVX512-BF16 CPUs, compressed-tensors decompresses): `layout_changed` then tells whether the
+    parameters still are the tensors the load produced, without calling `state_dict()`, which itself
+    converts such weights back.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.forward_ran = False
+        self.layout = weights_layout(model)
+        modules = [model, *(m for m in model.modules() if next(m.parameters(recurse=False), None) is not None)]
+        self._hooks = [m.register_forward_pre_hook(self._seen) for m in modules]
+
+    def _seen(self, module, args) -> None:
+        self.forward_ran = True
+        for hook in self._hooks:
+            hook.remove()
+
+    def layout_changed(self, model: Any) -> bool:
+        return self.forward_ran and weights_layout(model) != self.layout
+
+
+def weights_layout(model: Any) -> list[tuple]:
+    """Which tensors hold the weights: name, storage address, shape and dtype of every parameter and buffer."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [(name, t.data_ptr(), tuple(t.shape), t.dtype) for name, t in tensors]
 
 
 @dataclass
@@ -25,29 +55,44 @@ class LoadResult:
     manifest: dict
     run_dir: Path
     checkpoint_path: Path
+    cfg: DictConfig | None = None
+    quantization_config: Any = None
+    _watch: ForwardWatch | None = field(default=None, repr=False)
 
     def tokenizer(self):
-        """The checkpoint's tokenizer (AutoTokenizer from the same folder)."""
-        from transformers import AutoTokenizer
+        """The checkpoint's tokenizer (AutoTokenizer from the same folder); CheckpointError if it has none."""
+        from qloader.sources import checkpoint_tokenizer
 
-        return AutoTokenizer.from_pretrained(self.checkpoint_path)
+        return checkpoint_tokenizer(self.checkpoint_path)
 
+    def save(self, directory: str | Path, max_shard_size: str | None = None) -> dict:
+        """Write the model as loaded into a new folder, through the same writer as `save.enabled=true`.
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends the run like Ctrl-C: the manifest records `killed` and the stage it was in."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+        Refused (SaveError) once a forward pass has rewritten the weights: a checkpoint written then would
+        not hold what was loaded. Returns the saved checkpoint's record (path, files with sha256).
+        """
+        from omegaconf import OmegaConf
 
-    def interrupt(signum: int, frame) -> None:
-        raise RunKilled(signal.Signals(signum).name)
+        from qloader.checkpoint_writer import check_save_fields, save_loaded_model
+        from qloader.errors import ConfigError, SaveError
+        from qloader.manifest import checkpoint_section
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        if self._watch is not None and self._watch.layout_changed(self.model):
+            raise SaveError(
+                f"cannot save to '{directory}': the model's first forward pass rewrote its weights (its quantization,"
+                f" {self.quantization_description()}, repacks or decompresses them for this host), so a checkpoint"
+                " written now would not hold the weights as loaded; call save() before running the model, or load"
+                " again with save.enabled=true save.dir=DIR"
+            )
+        default = self.cfg.save.max_shard_size if self.cfg is not None else "5GB"
+        save = OmegaConf.create({"enabled": True, "dir": str(directory), "max_shard_size": max_shard_size or default})
+        if problems := check_save_fields(save):
+            raise ConfigError(problems)
+        saved = save_loaded_model(self.model, self.quantization_config, self.checkpoint_path, save)
+        return checkpoint_section(saved)
+
+    def quantization_description(self) -> str:
+        return (self.manifest.get("quantization") or {}).get("description") or "its quantization"
 
 
 def run(
@@ -61,22 +106,28 @@ def run(
     """Compose -> stages -> manifest. Any failure leaves a `failed` manifest and re-raises.
 
     `choices` are the config-group options the run composed (model, quant, ...); `replay_of` links
-    a replay to the manifest it re-runs.
+    a replay to the manifest it re-runs. Ctrl-C and SIGTERM leave a `killed` manifest naming the stage.
     """
     manifest = RunManifest(Path(run_dir) / "manifest.json", cfg, overrides, choices, replay_of)
-    ctx, current = LoadContext(cfg=cfg, overrides=tuple(overrides)), None
-    with _sigterm_as_interrupt():
-        manifest.begin()  # an unwritable run dir fails here, before any work
+    ctx, current, watch = LoadContext(cfg=cfg, overrides=tuple(overrides)), None, None
+    with signals_as_interrupt():
+        manifest.begin()  # an unwritable run dir, or one holding another run's manifest, fails here
         try:
-            for current, stage in stages_for(cfg):
-                stats = None
-                try:
-                    with measure_stage(current) as stats:
-                        ctx = stage(ctx)
-                finally:
-                    if stats is not None:
-                        manifest.add_stage(stats)  # filled in on exit, also when the stage failed
+            with library_records_to(Path(run_dir) / "qloader.log"):
+                for current, stage in stages_for(cfg):
+                    stats = None
+                    try:
+                        with measure_stage(current) as stats:
+                            ctx = stage(ctx)
+                    finally:
+                        if stats is not None:
+                            manifest.add_stage(stats)  # filled in on exit, also when the stage failed
+                    if current == WEIGHTS_FINAL_AFTER and ctx.model is not None:
+                        watch = ForwardWatch(ctx.model)  # the weights as loaded, before the probe's forward
         except BaseException as error:
             manifest.fail(error, current, ctx)
             raise
-        return LoadResult(ctx.model, manifest.succeed(ctx), Path(run_dir), ctx.checkpoint.path)
+        record = manifest.succeed(ctx)
+    return LoadResult(
+        ctx.model, record, Path(run_dir), ctx.checkpoint.path, cfg, ctx.quantization_config, _watch=watch
+    )

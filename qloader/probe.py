@@ -17,6 +17,10 @@ import json
 import math
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -72,12 +76,37 @@ def _reference_log_probs(
     torch.save(inputs, inputs_path)
     name = str(dtype).removeprefix("torch.")
     command = [sys.executable, "-m", "qloader.probe_reference", str(checkpoint.path), name, str(inputs_path), str(tmp)]
-    done = subprocess.run([*command, auto_class], capture_output=True, text=True)
+    with step("the unquantized reference, in a process of its own (once per checkpoint and dtype, then cached)"):
+        done = subprocess.run([*command, auto_class], capture_output=True, text=True)
     inputs_path.unlink(missing_ok=True)
     if done.returncode != 0:
         raise ProbeError(f"probe: the unquantized reference failed to load: {done.stderr.strip()[-500:]}")
     tmp.replace(path)
     return torch.load(path), False
+
+
+def progress(message: str) -> None:
+    print(f"qloader: probe: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def step(what: str, every_s: float = 10.0) -> Iterator[None]:
+    """A probe step on stderr, then a line every `every_s` seconds while it runs: on a small CPU the probe
+    takes tens of seconds, which silence would hide."""
+    progress(what)
+    done, start = threading.Event(), time.monotonic()
+
+    def tick() -> None:
+        while not done.wait(every_s):
+            progress(f"{what}: still running, {time.monotonic() - start:.0f} s")
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
 
 
 def _sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
@@ -137,14 +166,16 @@ def run_probe(model, checkpoint: Checkpoint, dtype: torch.dtype, pre_quantized: 
     auto_class = "AutoModelForCausalLM" if choice is None else choice.auto_class
     tokenizer = _tokenizer(checkpoint)
     inputs, targets = _probe_inputs(model, tokenizer, task, cfg.max_tokens)
-    with torch.no_grad():
+    scoring = f"scoring {inputs['input_ids'].numel()} tokens of the shipped text ({PROBED_TASKS[task]})"
+    with step(scoring), torch.no_grad():
         logits = model(**{k: v.to(model.device) for k, v in inputs.items()}).logits
         log_probs = _rows(torch.log_softmax(logits.float(), dim=-1).cpu(), task)
         del logits
-    if task == "sequence-classification":
-        sample = _label_sample(model, tokenizer, cfg.prompt)
-    else:
-        sample = _sample(model, tokenizer, cfg.prompt, cfg.max_new_tokens)
+    with step(f"greedy sample for {cfg.prompt!r}"):
+        if task == "sequence-classification":
+            sample = _label_sample(model, tokenizer, cfg.prompt)
+        else:
+            sample = _sample(model, tokenizer, cfg.prompt, cfg.max_new_tokens)
     mask = inputs.get("attention_mask")
     result = {
         "task": task,
@@ -155,9 +186,10 @@ def run_probe(model, checkpoint: Checkpoint, dtype: torch.dtype, pre_quantized: 
         "top1_agreement": None,
         "mean_kl": None,
         "reference_cached": None,
+        "compared_with": "a pre-quantized checkpoint has no unquantized weights (perplexity and sample only)",
         "sample": {"prompt": cfg.prompt, "output": sample},
     }
-    if pre_quantized:  # no unquantized weights to compare with
+    if pre_quantized:
         return result
     reference, cached = _reference_log_probs(checkpoint, dtype, inputs, auto_class)
     reference = _rows(reference, task)
@@ -169,5 +201,6 @@ def run_probe(model, checkpoint: Checkpoint, dtype: torch.dtype, pre_quantized: 
         top1_agreement=round((reference.argmax(-1) == log_probs.argmax(-1)).float().mean().item(), 4),
         mean_kl=round(kl.mean().item(), 6),
         reference_cached=cached,
+        compared_with=f"the same checkpoint unquantized ({str(dtype).removeprefix('torch.')})",
     )
     return result

@@ -8,13 +8,15 @@ YAML options.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Literal, get_args
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from qloader.choices import choice_enum
 from qloader.quant.base import QuantConfig
 from qloader.quant.registry import schemas as quant_schemas
 
@@ -34,10 +36,16 @@ TaskName = Literal[
 ]
 """`model.task`: which transformers Auto class picks the model class (see `qloader.hf_loading.TASKS`)."""
 
-# OmegaConf 2.3 rejects `Literal` annotations, so the field is typed with a str-valued Enum built from the
-# Literal: a bad value then fails while the config is composed, and OmegaConf's message lists every
-# allowed value. Members compare equal to their strings and serialize (JSON, YAML) as them.
-Task = Enum("Task", [(name, name) for name in get_args(TaskName)], type=str)
+# OmegaConf 2.3 rejects `Literal` annotations, so choice fields are typed with str-valued Enums
+# (`qloader.choices`): a bad value fails while the config is composed, listing every allowed value.
+Task = choice_enum("Task", get_args(TaskName))
+Strategy = choice_enum(
+    "Strategy",
+    ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda", *(f"cuda:{i}" for i in range(8)), "explicit"),
+)
+"""`device_map.strategy`; a GPU beyond cuda:7 is reached with strategy=explicit."""
+DtypeName = choice_enum("DtypeName", ("bfloat16", "float16", "float32", "float64", "auto", "bf16", "fp16", "fp32"))
+Mode = choice_enum("Mode", ("load", "plan"))
 
 
 @dataclass
@@ -46,6 +54,8 @@ class ModelConfig:
     """A callable that returns a local transformers checkpoint folder (plug in your own)."""
     expected_sha256: dict[str, str] = field(default_factory=dict)
     """Pins the checkpoint: file name -> sha256. A mismatch fails in `validate`, before any load."""
+    verify_hashes: bool = False
+    """Hash every input file afresh instead of trusting the cache's (path, size, mtime) entries."""
     allow_pickle: bool = False
     """Read `pytorch_model.bin` weights (only with torch.load(weights_only=True)); off: refuse them."""
     trust_remote_code: bool = False
@@ -105,8 +115,8 @@ class HubModelConfig(ModelConfig):
 
 @dataclass
 class DeviceMapConfig:
-    strategy: str = "auto"
-    """auto | balanced | balanced_low_0 | sequential | cpu | cuda | cuda:N | explicit."""
+    strategy: Strategy = Strategy["auto"]
+    """auto | balanced | balanced_low_0 | sequential | cpu | cuda | cuda:0 ... cuda:7 | explicit."""
     max_memory: dict[str, Any] = field(default_factory=lambda: {"cpu": None, "0": None})
     """Per-device budget, e.g. `device_map.max_memory.cpu=2GiB`; null lets accelerate measure.
     Further GPUs: `+device_map.max_memory.1=20GiB`."""
@@ -119,7 +129,7 @@ class DeviceMapConfig:
 
 @dataclass
 class DtypeConfig:
-    name: str = "bfloat16"
+    name: DtypeName = DtypeName["bfloat16"]
     """dtype of the layers that are not quantized: bfloat16 | float16 | float32 | auto."""
 
 
@@ -145,7 +155,8 @@ class ProbeConfig:
 @dataclass
 class ValidateConfig:
     finite: Any = "auto"
-    """Check every loaded weight for NaN and Inf: true | false | auto (models up to finite_max_parameters)."""
+    """Check every loaded weight for NaN and Inf: true | false | auto (models up to finite_max_parameters).
+    Typed Any because OmegaConf 2.3 Enums refuse booleans; `check_choices` checks it after composing."""
     finite_max_parameters: int = 1_000_000_000
     fingerprint: bool = True
     """sha256 over every loaded weight, for the manifest and replays; it reads every byte (about 1 s per
@@ -164,7 +175,7 @@ class QloaderConfig:
     save: SaveConfig = field(default_factory=SaveConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     probe: ProbeConfig = MISSING
-    mode: str = "load"
+    mode: Mode = Mode["load"]
     """load: run all seven stages. plan: only resolve ... preprocess on the meta device, and print
     the device map, the bytes per device and the estimated peak, reading no tensor data."""
     summary: bool = True
@@ -192,3 +203,44 @@ def register_configs() -> None:
     for group, options in SCHEMAS.items():
         for name, node in options.items():
             cs.store(name=f"{group}_{name}_schema", node=node)
+
+
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Keys the schemas do not declare, each with the node's valid keys.
+
+    Struct mode refuses them on a plain override, but Hydra's `+key=` and `++key=` add keys with
+    struct mode lifted (`open_dict`), so the composed config is checked against its dataclasses.
+    """
+    problems = []
+    schema = OmegaConf.get_type(cfg)
+    if dataclasses.is_dataclass(schema):
+        declared = {f.name for f in dataclasses.fields(schema)}
+        problems += [unknown_key_message(f"{prefix}{key}", schema) for key in cfg if key not in declared]
+    for key in cfg:
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            problems += unknown_keys(node, f"{prefix}{key}.")
+    return problems
+
+
+def unknown_key_message(key: str, schema: type) -> str:
+    """`quant.bnb_4bit_quant_typ is not a field of BnbQuantConfig (valid: ...); did you mean ...?`"""
+    valid = [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")]
+    parent, _, name = key.rpartition(".")
+    near = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean {parent + '.' if parent else ''}{near[0]}?" if near else ""
+    return f"{key} is not a field of {schema.__name__} (valid: {', '.join(valid)}){hint}"
+
+
+def missing_values(cfg: DictConfig) -> list[str]:
+    """Mandatory fields (`???`) still without a value, such as model.path of model=local."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    return [f"{key} is required and has no value; add {key}=... to the command line" for key in missing]
+
+
+def check_choices(cfg: DictConfig) -> list[str]:
+    """Choice fields that cannot be Enums (they take booleans too), checked after composing."""
+    finite = cfg.validate.finite
+    if not isinstance(finite, bool) and finite != "auto":
+        return [f"validate.finite '{finite}' is not one of true, false, auto"]
+    return []

@@ -50,3 +50,44 @@ def test_console_script_runs_the_same_cli(tmp_path) -> None:
     script = Path(sys.executable).with_name("qloader")
     result = subprocess.run([script, "--cfg", "job", "model=tiny-llama"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0 and "qloader.sources.tiny_llama_checkpoint" in result.stdout
+
+
+def test_help_names_the_other_commands(tmp_path) -> None:
+    help_out = run_cli("--help", run_dir=tmp_path).stdout
+    assert "qloader replay MANIFEST [--check-only]" in help_out and "qloader-report SWEEP_DIR" in help_out
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("qloader replay --c", "--check-only"),
+        ("qloader replay --", "--check-only --run-dir --save-dir"),
+        ("qloader replay ", ""),
+    ],
+)
+def test_completion_after_replay_offers_its_options_not_a_parse_error(line: str, expected: str) -> None:
+    """Completion used to print a Hydra parse error; with no option to offer, the shell completes file names."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))}
+    result = subprocess.run(
+        [sys.executable, "-m", "qloader", "-sc", "query=bash"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.strip().startswith(expected) if expected else result.stdout.strip() == ""
+
+
+def test_light_entry_points_import_neither_torch_nor_transformers() -> None:
+    """`qloader --help`, completion and `qloader-report` must start fast: the heavy libraries load in the stages."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, qloader, qloader.cli, qloader.report, qloader.config, qloader.replay; "
+        "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'bitsandbytes') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -24,9 +24,10 @@ def test_every_shipped_yaml_composes(group: str, option: str) -> None:
     assert cfg[group] is not None
 
 
-def test_defaults_are_smollm2_nf4_auto_bf16() -> None:
+def test_defaults_are_smollm2_quant_auto_nf4_auto_bf16() -> None:
     cfg = compose()
     assert cfg.model._target_ == "qloader.sources.smollm2_checkpoint"
+    assert cfg.quant.auto is True  # quant=auto: bnb-nf4 unless the checkpoint is pre-quantized
     assert (cfg.quant.load_in_4bit, cfg.quant.bnb_4bit_quant_type, cfg.quant.bnb_4bit_use_double_quant) == (
         True,
         "nf4",
@@ -75,7 +76,7 @@ def test_cli_help_lists_groups_and_cfg_job_prints_config(tmp_path) -> None:
     help_out = run_cli("--help", run_dir=tmp_path).stdout
     for line in (
         "model: hub, local, smollm2-135m, synthetic-1b, tiny-llama",
-        "quant: bnb-fp4, bnb-int8, bnb-nf4, compressed-tensors, eetq, fbgemm-fp8, fp-quant, fp8, gptq-4bit,",
+        "quant: auto, awq, bnb-fp4, bnb-int8, bnb-nf4, compressed-tensors, eetq, fbgemm-fp8, fp-quant, fp8,",
         "none, quanto-fp8, quanto-int4, quanto-int8, torchao-fp8wo, torchao-int4, torchao-int8dq, torchao-int8wo",
         "device_map: auto, balanced, cpu, cuda, explicit, sequential",
         "dtype: auto, bf16, fp16, fp32",

@@ -114,9 +114,10 @@ OVERRIDES = {
 
 
 def _plain_fields(quant) -> dict:
-    """The `quant` node as plain Python values, without `_target_`."""
+    """The `quant` node as plain Python values, without qloader's own keys (`_target_`, `auto`)."""
     fields = OmegaConf.to_container(quant)
     fields.pop("_target_")
+    fields.pop("auto")
     return fields
 
 

@@ -76,6 +76,27 @@ def nf4_checkpoint(tmp_path_factory) -> Path:
     return ckpt
 
 
+def test_quant_auto_loads_as_saved_and_records_it(nf4_checkpoint, tmp_path) -> None:
+    """The default quant=auto takes the checkpoint's config whole; a qloader setting such as quant.kernel is no
+    request to merge (it used to be told apart by matching the command line's strings)."""
+    result = qloader.load(["model=local", f"model.path={nf4_checkpoint}", "quant.kernel=fused"], run_dir=tmp_path)
+    manifest = result.manifest
+    assert manifest["config"]["quant"]["auto"] is True and manifest["choices"]["quant"] == "auto"
+    assert manifest["quantization"]["pre_quantized"] is True and manifest["quantization"]["merge"] == []
+
+
+def test_quant_chosen_by_an_experiments_defaults_is_a_request(nf4_checkpoint, tmp_path) -> None:
+    """An experiment that picks `quant` in its defaults list asks for it as much as `quant=` on the command line."""
+    experiment = tmp_path / "conf" / "experiment"
+    experiment.mkdir(parents=True)
+    (experiment / "fp4.yaml").write_text("# @package _global_\ndefaults:\n  - override /quant: bnb-fp4\n")
+    overrides = ["model=local", f"model.path={nf4_checkpoint}", "+experiment=fp4"]
+    result = run_cli(*overrides, f"hydra.searchpath=[file://{tmp_path / 'conf'}]", run_dir=tmp_path / "run")
+    assert result.returncode == 1
+    assert "QuantizationMismatchError" in result.stderr and "checkpoint nf4, requested fp4" in result.stderr
+    assert read_manifest(tmp_path / "run")["config"]["quant"]["auto"] is False
+
+
 def test_merge_lists_every_difference_and_checkpoint_wins(nf4_checkpoint, tmp_path) -> None:
     overrides = ["quant=bnb-nf4", "quant.bnb_4bit_compute_dtype=float16", "quant.llm_int8_threshold=5.0"]
     result = run_cli("model=local", f"model.path={nf4_checkpoint}", *overrides, run_dir=tmp_path)

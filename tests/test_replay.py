@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, read_manifest, run_cli
 
 import qloader
@@ -180,3 +181,168 @@ def test_replay_of_a_run_recorded_before_newer_settings(tmp_path) -> None:
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
     assert lines["weights_fingerprint"].endswith("equal"), result.stdout + result.stderr
     assert read_manifest(tmp_path / "replay")["config"]["validate"]["finite"] == "auto"
+
+
+# ---------------------------------------------------------------- replay: every manifest, one line per refusal
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("qloader: error:")]
+    assert "Traceback" not in result.stderr
+    return line
+
+
+def test_replay_of_a_plan_manifest_reruns_the_plan(tmp_path) -> None:
+    """A plan hashes no file: the replay compares sizes (it used to fail with a TypeError)."""
+    assert run_cli("model=tiny-llama", "mode=plan", run_dir=tmp_path / "orig").returncode == 0
+    result = replay_cli(tmp_path / "orig" / "manifest.json", "--run-dir", tmp_path / "replay")
+    assert result.returncode == 0, result.stderr
+    assert "(not hashed)" in result.stdout and read_manifest(tmp_path / "replay")["mode"] == "plan"
+    check = replay_cli(tmp_path / "orig" / "manifest.json", "--check-only")
+    assert check.returncode == 0, check.stderr
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> Path:
+    """A plan-mode run's manifest, to edit into bad ones."""
+    run_dir = tmp_path_factory.mktemp("recorded")
+    assert run_cli("model=tiny-llama", "quant=bnb-int8", "mode=plan", run_dir=run_dir).returncode == 0
+    return run_dir / "manifest.json"
+
+
+def edited(recorded: Path, tmp_path: Path, edit) -> Path:
+    manifest = json.loads(recorded.read_text())
+    edit(manifest)
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+def test_replay_of_a_file_that_is_not_json(tmp_path) -> None:
+    (tmp_path / "manifest.json").write_text("{ not json")
+    result = replay_cli(tmp_path / "manifest.json", "--check-only")
+    assert result.returncode == 1
+    assert error_line(result).startswith(f"qloader: error: ConfigError: '{tmp_path / 'manifest.json'}' is not JSON (")
+
+
+def test_replay_of_a_config_value_of_the_wrong_type(recorded, tmp_path) -> None:
+    path = edited(recorded, tmp_path, lambda m: m["config"]["quant"].update(load_in_8bit="maybe"))
+    result = replay_cli(path, "--run-dir", tmp_path / "replay")
+    assert result.returncode == 1
+    assert error_line(result) == (
+        f"qloader: error: ConfigError: '{path}': recorded config: quant.load_in_8bit: Value 'maybe' is not a valid bool"
+        " (type str)"
+    )
+
+
+def test_replay_of_a_config_without_a_group(recorded, tmp_path) -> None:
+    path = edited(recorded, tmp_path, lambda m: m["config"].pop("quant"))
+    result = replay_cli(path, "--check-only")
+    assert result.returncode == 1
+    assert "the recorded config has no quant section(s)" in error_line(result)
+
+
+def test_replay_of_a_group_option_deleted_since(recorded, tmp_path) -> None:
+    path = edited(recorded, tmp_path, lambda m: m["choices"].update(quant="bnb-int3"))
+    result = replay_cli(path, "--run-dir", tmp_path / "replay")
+    assert result.returncode == 1
+    assert "Could not find 'quant/bnb-int3'; available options in 'quant': auto, " in error_line(result)
+
+
+def test_check_only_compares_the_config_hash(recorded, tmp_path) -> None:
+    """An edited config no longer matches the hash recorded with it."""
+    path = edited(recorded, tmp_path, lambda m: m["config"]["quant"].update(llm_int8_threshold=5.0))
+    result = replay_cli(path, "--check-only")
+    assert result.returncode == 1 and "replay differs: config_hash" in result.stderr
+    assert next(line for line in result.stdout.splitlines() if line.startswith("config_hash")).endswith("DIFFERENT")
+
+
+def test_replay_records_the_choices_so_its_experiment_keeps_its_groups(tmp_path) -> None:
+    overrides = ["model=tiny-llama", "quant=bnb-fp4", "dtype=fp16", "mode=plan"]
+    assert run_cli(*overrides, run_dir=tmp_path / "orig").returncode == 0
+    assert replay_cli(tmp_path / "orig" / "manifest.json", "--run-dir", tmp_path / "replay").returncode == 0
+    replayed = read_manifest(tmp_path / "replay")
+    assert replayed["choices"] == read_manifest(tmp_path / "orig")["choices"]
+    assert {"override /quant": "bnb-fp4"} in yaml.safe_load(experiment_yaml(replayed))["defaults"]
+
+
+def test_write_experiment_by_name_lands_where_plus_experiment_finds_it(recorded) -> None:
+    from qloader.config import config_dir
+
+    name = f"replayed-{os.getpid()}"
+    target = config_dir() / "experiment" / f"{name}.yaml"
+    try:
+        result = replay_cli(recorded, "--write-experiment", name)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [f"wrote {target}", f"run it with: qloader +experiment={name}"]
+        cfg = compose([f"+experiment={name}"])
+        assert config_hash(resolved_config(cfg)) == json.loads(recorded.read_text())["config_hash"]
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def test_write_experiment_into_a_missing_folder(recorded, tmp_path) -> None:
+    result = replay_cli(recorded, "--write-experiment", tmp_path / "absent" / "experiment" / "x.yaml")
+    assert result.returncode == 1
+    assert error_line(result).startswith(
+        f"qloader: error: OutputError: --write-experiment '{tmp_path / 'absent' / 'experiment' / 'x.yaml'}': "
+        f"folder '{tmp_path / 'absent' / 'experiment'}' does not exist"
+    )
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    result = replay_cli(recorded, "--write-experiment", tmp_path / "conf" / "experiment" / "x.yaml")
+    assert result.stdout.splitlines()[-1] == f"run it with: qloader --config-dir {tmp_path / 'conf'} +experiment=x"
+
+
+def test_replay_of_a_run_that_saved_needs_a_new_save_dir_or_none(tmp_path) -> None:
+    """Relative paths resolve against the directory the run started in, recorded in the manifest."""
+    started = tmp_path / "project"
+    started.mkdir()
+    orig = subprocess.run(
+        [sys.executable, "-m", "qloader", "model=tiny-llama", "quant=bnb-nf4", "save.enabled=true", "save.dir=ckpt"]
+        + [f"hydra.run.dir={tmp_path / 'orig'}"],
+        capture_output=True,
+        text=True,
+        cwd=started,
+        env=os.environ,
+        timeout=300,
+    )
+    assert orig.returncode == 0, orig.stderr
+    manifest = tmp_path / "orig" / "manifest.json"
+    assert read_manifest(tmp_path / "orig")["cwd"] == str(started) and (started / "ckpt" / "config.json").is_file()
+    refused = replay_cli(manifest, "--run-dir", tmp_path / "r1")
+    assert refused.returncode == 1
+    assert error_line(refused) == (
+        f"qloader: error: ConfigError: the recorded run saved its checkpoint to save.dir '{started / 'ckpt'}', which "
+        "exists now; replay with --save-dir NEW_DIR, or --no-save to skip the save"
+    )
+    saved = replay_cli(manifest, "--run-dir", tmp_path / "r2", "--save-dir", tmp_path / "again")
+    assert saved.returncode == 0, saved.stderr
+    assert read_manifest(tmp_path / "r2")["saved"]["path"] == str(tmp_path / "again")
+    skipped = replay_cli(manifest, "--run-dir", tmp_path / "r3", "--no-save")
+    assert skipped.returncode == 0, skipped.stderr
+    assert read_manifest(tmp_path / "r3")["saved"] is None
+
+
+def test_replay_of_a_hub_run_pins_the_commit_it_resolved(tiny_checkpoint, tmp_path) -> None:
+    """Offline, from a hub-cache layout: `main` moves on to another commit; the replay still loads the first."""
+    first, second = "1" * 40, "2" * 40
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / first)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    overrides = ["model=hub", "model.repo_id=org/tiny", "quant=none", "mode=plan", f"hydra.run.dir={tmp_path / 'o'}"]
+    run = subprocess.run([sys.executable, "-m", "qloader", *overrides], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / second)
+    (repo / "refs" / "main").write_text(second)
+    replay = subprocess.run(
+        [sys.executable, "-m", "qloader", "replay", str(tmp_path / "o" / "manifest.json"), "--run-dir", tmp_path / "r"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert replay.returncode == 0, replay.stderr
+    replayed = read_manifest(tmp_path / "r")
+    assert replayed["config"]["model"]["revision"] == first
+    assert replayed["checkpoint"]["hub"] == {"repo_id": "org/tiny", "revision": first, "commit": first}

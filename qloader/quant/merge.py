@@ -6,15 +6,14 @@ Method-agnostic: what differs between methods comes from their plug-in (`qloader
 from __future__ import annotations
 
 import importlib.util
-import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from qloader.errors import CheckpointError, EnvironmentMismatchError, QuantizationMismatchError
 from qloader.quant.base import MergeRow
-from qloader.quant.registry import method_for_target, method_of, settings
+from qloader.quant.registry import method_for_target, method_of
 
 
 def check_quant_fields(quant: DictConfig) -> list[str]:
@@ -37,14 +36,12 @@ def check_backend(quant: DictConfig) -> None:
 def build_quantization_config(quant: DictConfig, device: str = "cpu") -> Any:
     """Instantiate the `_target_` class (e.g. transformers.BitsAndBytesConfig); None for quant=none."""
     method = method_for_target(quant.get("_target_"))
-    return None if method is None else method.build_config(quant, device)
-
-
-def quant_overridden(overrides: list[str]) -> bool:
-    """Did the user ask for a quant setting (`quant=...`, `quant.x=...`), rather than take the default?"""
-    own = sorted(settings())
-    qloader_only = rf"^[+~]*quant\.({'|'.join(own)})=" if own else r"^$"
-    return any(re.match(r"^[+~]*quant([.=@]|$)", o) and not re.match(qloader_only, o) for o in overrides)
+    if method is None:
+        return None
+    # `auto` is qloader's (whether a pre-quantized checkpoint's own config wins), never the config class's; choice
+    # fields reach the config class as the plain strings YAML holds, not as the schema's Enum members
+    plain = OmegaConf.to_container(quant, enum_to_str=True)
+    return method.build_config(OmegaConf.create({k: v for k, v in plain.items() if k != "auto"}), device)
 
 
 def check_saved_config(saved: dict, config_json: Path) -> None:
