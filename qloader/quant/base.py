@@ -7,6 +7,7 @@ light (no torch, no transformers): the schemas here are read when the config is 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -22,6 +23,9 @@ class QuantConfig:
 
     _target_: str | None = None
     """The transformers quantization-config class; null loads unquantized."""
+    auto: bool = False
+    """True (quant=auto): a pre-quantized checkpoint loads with its own quantization_config, as saved, and these
+    settings apply only to a checkpoint that is not; false: they are merged with a pre-quantized checkpoint's."""
 
 
 @dataclass
@@ -93,9 +97,10 @@ class QuantMethod:
         fields = OmegaConf.masked_copy(quant, [key for key in quant if key not in self.settings])
         return instantiate(fields, _convert_="all")
 
-    def calibration(self, config: Any, quant: DictConfig, checkpoint_path: Any) -> dict | None:
+    def calibration(self, config: Any, quant: DictConfig, checkpoint_path: Any, dtype: Any, device: str) -> dict | None:
         """For a method that `calibrates`, on the fly only: put the calibration data in `config` (before the
-        quantizer is built; transformers calibrates in `postprocess`). Returns what the manifest records of it."""
+        quantizer is built; transformers calibrates in `postprocess`, in `dtype` on `device`). Returns what the
+        manifest records of it."""
         return None
 
     def choice(self, config: Any) -> dict | None:
@@ -125,7 +130,13 @@ class QuantMethod:
         """Why this host cannot run the method (None: it can); called before transformers' own check."""
         if self.needs and cuda_devices == 0:
             return f"needs {self.needs}, and this host has none; use {self.instead}"
+        if self.module is not None and importlib.util.find_spec(self.module) is None:  # a pre-quantized checkpoint's
+            extra = f"'qloader[{self.extra}]'" if self.extra else self.packages[0]
+            return f"needs the '{self.module}' package, which is not installed; run: pip install {extra}"
         return None
+
+    def prepare_backend(self) -> None:
+        """Import the method's library before transformers does, where importing it has process-wide effects."""
 
     # ---------------------------------------------------------------- the model skeleton and the checkpoint
 
@@ -159,8 +170,11 @@ class QuantMethod:
         """The plain tensors that hold a loaded parameter or buffer (inner tensors of a tensor subclass)."""
         yield from (t for _, t in inner_tensors(tensor))
 
-    def loading_kernel(self, quant: DictConfig) -> AbstractContextManager[Any]:
-        """A context the `load` stage runs in (a faster kernel); yields a report with `as_dict()`, or None."""
+    def loading_kernel(
+        self, quant: DictConfig, model: Any = None, device_map: dict | None = None
+    ) -> AbstractContextManager[Any]:
+        """A context the `load` stage runs in (a faster kernel); yields a report with `as_dict()`, or None.
+        `model` is the skeleton about to be loaded and `device_map` its placement (what the kernel will see)."""
         return nullcontext(None)
 
     def check_save(self, quant: DictConfig) -> str | None:

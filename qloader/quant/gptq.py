@@ -32,6 +32,11 @@ QUANT_STATE = ("qweight", "qzeros", "scales", "g_idx")
 
 log = logging.getLogger("qloader")
 
+HALF_DTYPES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16"}
+# The x86 CPU flags under which oneDNN runs half-precision matmuls natively; without them it converts in
+# software, and GPTQ's calibration (the model's forward, once per quantized layer) runs several times slower.
+NATIVE_HALF_FLAGS = {"torch.bfloat16": ("avx512_bf16", "amx_bf16"), "torch.float16": ("avx512_fp16", "amx_fp16")}
+
 
 @dataclass
 class GptqQuantConfig(QuantConfig):
@@ -72,7 +77,14 @@ def calibration_samples(tokenizer: Any, samples: int, seqlen: int, seed: int) ->
 
 
 def import_backend() -> None:
-    """Import gptqmodel and optimum's GPTQ once, restoring every environment variable their import changes."""
+    """Import gptqmodel and optimum's GPTQ once, restoring every environment variable their import changes.
+
+    gptqmodel compiles its CPU packing extension on first use into `~/.cache/gptqmodel` unless told otherwise:
+    qloader points it at its own cache (`$QLOADER_CACHE/gptqmodel`), unless the user set the variable.
+    """
+    from qloader.sources import cache_dir
+
+    os.environ.setdefault("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(cache_dir() / "gptqmodel" / "torch_extensions"))
     saved = dict(os.environ)
     try:
         import gptqmodel  # noqa: F401
@@ -120,7 +132,12 @@ class Gptq(QuantMethod):
         import_backend()
         return super().build_config(quant, device)
 
-    def calibration(self, config: Any, quant: DictConfig, checkpoint_path: Path) -> dict | None:
+    def prepare_backend(self) -> None:
+        import_backend()
+
+    def calibration(
+        self, config: Any, quant: DictConfig, checkpoint_path: Path, dtype: Any, device: str
+    ) -> dict | None:
         """Fill the config's `dataset` with the shipped text's samples; the manifest records how they were drawn."""
         from transformers import AutoTokenizer
 
@@ -139,6 +156,14 @@ class Gptq(QuantMethod):
             quant.dataset_seqlen,
             quant.seed,
         )
+        if device == "cpu" and str(dtype) in HALF_DTYPES and not cpu_has_native_half_matmul(str(dtype)):
+            log.warning(
+                "gptq: calibrating in %s on a CPU without native %s matmul (no %s in /proc/cpuinfo): "
+                "dtype=fp32 calibrates about 4x faster here",
+                HALF_DTYPES[str(dtype)],
+                HALF_DTYPES[str(dtype)],
+                " / ".join(NATIVE_HALF_FLAGS[str(dtype)]),
+            )
         return {
             "calibration_text": CALIBRATION_TEXT.name,
             "calibration_text_sha256": calibration_text_sha256(),
@@ -195,3 +220,13 @@ class Gptq(QuantMethod):
         g_idx = cols * 4  # int32
         shifts = (32 // config.bits) * 4 if 32 % config.bits == 0 else 0  # the kernel's int32 bit-shift table
         return WeightBytes(packed, qzeros + scales + g_idx + shifts)
+
+
+def cpu_has_native_half_matmul(dtype: str = "torch.bfloat16", cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU lists a flag for native `dtype` matmuls (True where /proc/cpuinfo cannot tell)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return True
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    return flags is None or any(flag in flags for flag in NATIVE_HALF_FLAGS[dtype])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qloader.quant.awq import Awq
 from qloader.quant.base import NoQuantConfig, QuantMethod
 from qloader.quant.bnb import Bitsandbytes
 from qloader.quant.compressed_tensors import CompressedTensors
@@ -13,7 +14,7 @@ from qloader.quant.quanto import Quanto
 from qloader.quant.torchao import Torchao
 
 METHODS: dict[str, QuantMethod] = {
-    m.quant_method: m for m in (Bitsandbytes(), Torchao(), Quanto(), CompressedTensors(), Gptq(), *GPU_METHODS)
+    m.quant_method: m for m in (Bitsandbytes(), Torchao(), Quanto(), CompressedTensors(), Gptq(), Awq(), *GPU_METHODS)
 }
 
 
