@@ -67,6 +67,23 @@ def drop_tensor(folder: Path, key: str) -> None:
     (folder / INDEX).write_text(json.dumps(index))
 
 
+def assert_missing_tensor_is_named(source: Path, key: str, work: Path) -> None:
+    """A copy of `source` without tensor `key` fails to load with an error naming it, before any weight is
+    fingerprinted, and its failed manifest says where."""
+    import pytest
+
+    import qloader
+    from qloader.errors import CheckpointError, CheckpointMismatchError
+
+    path = copy_checkpoint(source, work / "ckpt")
+    drop_tensor(path, key)
+    with pytest.raises((CheckpointError, CheckpointMismatchError)) as raised:
+        qloader.load(["model=local", f"model.path={path}"], run_dir=work / "run")
+    assert key in str(raised.value)
+    manifest = json.loads((work / "run" / "manifest.json").read_text())
+    assert manifest["error"]["stage"] in ("preprocess", "load") and manifest["weights_fingerprint"] is None
+
+
 def tree_state(folder: Path) -> dict[str, tuple[int, int]]:
     """Every path under `folder` (itself included) -> (size, mtime_ns)."""
     paths = [folder, *sorted(folder.rglob("*"))]
