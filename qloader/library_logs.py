@@ -2,7 +2,8 @@
 
 bitsandbytes, torchao and the kernels hub log warnings on every run that tell a user nothing they
 can act on (a CPU kernel that could not be fetched, CUDA extensions missing on a CPU host, a dtype
-cast repeated for every int8 layer). During a run their `logging` records and Python `warnings`
+cast repeated for every int8 layer); optimum's GPTQ quantizer logs a line per layer it calibrates and
+per module it packs, beside its own progress bar. During a run their `logging` records and Python `warnings`
 raised from their code are written to the log file only. qloader's own messages and errors, and
 every other library's, reach the terminal as before.
 """
@@ -20,6 +21,7 @@ LIBRARY_LOGGERS = (
     "torchao",
     "kernels",
     "optimum.quanto",
+    "optimum.gptq",  # a line per layer and per packed module, beside the per-block progress bar
     "torch.utils._pytree",  # torchao's import registers enums the way torch now deprecates, once per enum
 )
 """Loggers whose records go to the log file only."""

@@ -355,6 +355,7 @@ with library_records_to(Path(sys.argv[1])):
     for _ in range(3):  # repeated per layer
         warnings.warn_explicit("MatMul8bitLt: inputs will be cast from torch.bfloat16", UserWarning, bnb_file, 1)
     logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+    logging.getLogger("optimum.gptq.quantizer").warning("Quantizing self_attn.q_proj in block 1/30...")
     warnings.warn_explicit("a user's own warning", UserWarning, "script.py", 1)
     logging.getLogger("qloader").warning("qloader's own warning")
 assert logging.getLogger("bitsandbytes").propagate is True  # put back after the run
@@ -364,6 +365,7 @@ assert logging.getLogger("bitsandbytes").propagate is True  # put back after the
     assert result.returncode == 0, result.stderr
     text = log.read_text()
     assert text.count("MatMul8bitLt") == 3 and "Failed to load CPU gemm_4bit_forward" in text
+    assert "Quantizing self_attn.q_proj" in text and "Quantizing self_attn.q_proj" not in result.stderr
     assert "MatMul8bitLt" not in result.stderr and "gemm_4bit_forward" not in result.stderr
     assert "a user's own warning" in result.stderr and "qloader's own warning" in result.stderr
     assert "qloader's own warning" not in text and "a user's own warning" not in text
