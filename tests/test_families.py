@@ -268,6 +268,7 @@ def test_mixtral_8x7b_auto_map_without_budget_names_the_available_memory(mixtral
 # A sweep over model.path ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sweep_over_model_paths_gives_one_summary(checkpoint, tmp_path) -> None:
     from test_sweep import sweep
 

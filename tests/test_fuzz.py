@@ -79,6 +79,7 @@ def _timeout(signum, frame):
     raise TimeoutError(f"a mutant took longer than {SECONDS_PER_MUTANT} s")
 
 
+@pytest.mark.slow
 @settings(
     max_examples=80,
     deadline=None,

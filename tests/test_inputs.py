@@ -160,6 +160,7 @@ def _hub_cache(root: Path, source: Path, repo: str, commit: str) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_hub_model_records_repo_revision_and_commit(tiny_checkpoint, tmp_path) -> None:
     commit = "0123456789abcdef0123456789abcdef01234567"
     _hub_cache(tmp_path / "hub", tiny_checkpoint, "org/tiny", commit)

@@ -52,6 +52,7 @@ def test_signal_during_load_records_killed_with_the_stage(smollm2_checkpoint, tm
     assert [s["name"] for s in manifest["stages"]][-1] == "load" and manifest["model"] is None
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_point_leaves_valid_json(tmp_path) -> None:
     """Kill a run at several points: the manifest is absent, or complete JSON (`running`, or the final record)."""
     start = time.monotonic()

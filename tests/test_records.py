@@ -103,6 +103,7 @@ def interrupt_sweep(tmp_path: Path, launcher: list[str], quants: str, loads: int
     return process.returncode, out.decode(), (seen + err).decode(errors="replace"), sweep_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "launcher, sig, to_group",
     [

@@ -72,6 +72,7 @@ def test_input_hashes_are_cached_outside_the_checkpoint(local_copy, tmp_path, mo
     }
 
 
+@pytest.mark.slow
 def test_replay_reproduces_the_run(tmp_path) -> None:
     assert run_cli("model=tiny-llama", "quant=bnb-nf4", run_dir=tmp_path / "orig").returncode == 0
     result = replay_cli(tmp_path / "orig" / "manifest.json", "--run-dir", tmp_path / "replay")
@@ -84,6 +85,7 @@ def test_replay_reproduces_the_run(tmp_path) -> None:
     assert new["config"] == old["config"] and new["weights_fingerprint"] == old["weights_fingerprint"]
 
 
+@pytest.mark.slow
 def test_replay_uses_the_recorded_config_not_todays_defaults(tmp_path) -> None:
     assert run_cli("model=tiny-llama", "quant=bnb-int8", run_dir=tmp_path / "orig").returncode == 0
     manifest = read_manifest(tmp_path / "orig")
@@ -94,6 +96,7 @@ def test_replay_uses_the_recorded_config_not_todays_defaults(tmp_path) -> None:
     assert read_manifest(tmp_path / "replay")["config"]["quant"]["llm_int8_threshold"] == 5.0
 
 
+@pytest.mark.slow
 def test_changed_shard_is_named_and_fails_the_replay(local_copy, tmp_path) -> None:
     assert run_cli("model=local", f"model.path={local_copy}", run_dir=tmp_path / "orig").returncode == 0
     shard = local_copy / "model-00003-of-00007.safetensors"
@@ -120,6 +123,7 @@ def test_check_only_names_a_library_version_drift(tmp_path) -> None:
     assert not (tmp_path / "orig" / "replay").exists()
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_a_clear_error(local_copy, tmp_path) -> None:
     assert run_cli("model=local", f"model.path={local_copy}", run_dir=tmp_path / "orig").returncode == 0
     shutil.rmtree(local_copy)
@@ -145,6 +149,7 @@ def test_experiment_copied_from_a_run_reproduces_its_config_hash(tmp_path) -> No
     assert config_hash(resolved_config(cfg)) == manifest["config_hash"]
 
 
+@pytest.mark.slow
 def test_pinned_hash_mismatch_fails_in_validate(tiny_checkpoint, tmp_path) -> None:
     real = {
         f["name"]: f["sha256"]
@@ -169,6 +174,7 @@ def test_fingerprint_can_be_turned_off(tmp_path) -> None:
     assert manifest["status"] == "succeeded" and manifest["weights_fingerprint"] is None
 
 
+@pytest.mark.slow
 def test_replay_of_a_run_recorded_before_newer_settings(tmp_path) -> None:
     """A manifest whose config predates `validate`, `model.allow_pickle`, ...: replayed with their defaults."""
     assert run_cli("model=tiny-llama", "quant=bnb-nf4", run_dir=tmp_path / "orig").returncode == 0
@@ -192,6 +198,7 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     return line
 
 
+@pytest.mark.slow
 def test_replay_of_a_plan_manifest_reruns_the_plan(tmp_path) -> None:
     """A plan hashes no file: the replay compares sizes (it used to fail with a TypeError)."""
     assert run_cli("model=tiny-llama", "mode=plan", run_dir=tmp_path / "orig").returncode == 0
@@ -257,6 +264,7 @@ def test_check_only_compares_the_config_hash(recorded, tmp_path) -> None:
     assert next(line for line in result.stdout.splitlines() if line.startswith("config_hash")).endswith("DIFFERENT")
 
 
+@pytest.mark.slow
 def test_replay_records_the_choices_so_its_experiment_keeps_its_groups(tmp_path) -> None:
     overrides = ["model=tiny-llama", "quant=bnb-fp4", "dtype=fp16", "mode=plan"]
     assert run_cli(*overrides, run_dir=tmp_path / "orig").returncode == 0
@@ -293,6 +301,7 @@ def test_write_experiment_into_a_missing_folder(recorded, tmp_path) -> None:
     assert result.stdout.splitlines()[-1] == f"run it with: qloader --config-dir {tmp_path / 'conf'} +experiment=x"
 
 
+@pytest.mark.slow
 def test_replay_of_a_run_that_saved_needs_a_new_save_dir_or_none(tmp_path) -> None:
     """Relative paths resolve against the directory the run started in, recorded in the manifest."""
     started = tmp_path / "project"
@@ -323,6 +332,7 @@ def test_replay_of_a_run_that_saved_needs_a_new_save_dir_or_none(tmp_path) -> No
     assert read_manifest(tmp_path / "r3")["saved"] is None
 
 
+@pytest.mark.slow
 def test_replay_of_a_hub_run_pins_the_commit_it_resolved(tiny_checkpoint, tmp_path) -> None:
     """Offline, from a hub-cache layout: `main` moves on to another commit; the replay still loads the first."""
     first, second = "1" * 40, "2" * 40

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from conftest import REPO
 
 MiB = 2**20
@@ -30,6 +31,7 @@ def load_stage(sweep_dir: Path, job: int) -> dict:
     return next(s for s in manifest["stages"] if s["name"] == "load")
 
 
+@pytest.mark.slow
 def test_sweep_writes_summary_and_report_rebuilds_it(tmp_path) -> None:
     result = sweep("model=tiny-llama", "quant=none,bnb-nf4,bnb-int8", sweep_dir=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -58,6 +60,7 @@ def test_sweep_writes_summary_and_report_rebuilds_it(tmp_path) -> None:
     assert (tmp_path / "summary.md").read_text() == markdown and (tmp_path / "summary.png").is_file()
 
 
+@pytest.mark.slow
 def test_failed_job_gets_a_row_and_the_sweep_exits_nonzero(tiny_checkpoint, tmp_path) -> None:
     missing = tmp_path / "no-such-model"
     paths = f"{tiny_checkpoint},{missing},{tiny_checkpoint}"
@@ -72,6 +75,7 @@ def test_failed_job_gets_a_row_and_the_sweep_exits_nonzero(tiny_checkpoint, tmp_
     assert table["error"].isna().tolist() == [True, False, True]
 
 
+@pytest.mark.slow
 def test_each_job_measures_only_its_own_memory(tmp_path) -> None:
     """The small job's load stage measures the same first, second, or alone: within 16 MiB, half the least
     growth the big job must show, so a leak of the big job's weights (over 30 MiB) cannot hide in it; the
@@ -102,6 +106,7 @@ def test_each_job_measures_only_its_own_memory(tmp_path) -> None:
     assert max(exact, default=0) - min(exact, default=0) < 16 * MiB, [p / MiB for p in exact]
 
 
+@pytest.mark.slow
 def test_joblib_sweep_runs(tmp_path) -> None:
     result = sweep(
         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=tiny-llama", "quant=none,bnb-fp4", sweep_dir=tmp_path
