@@ -84,9 +84,6 @@ def exit_on_failure(manifest: Path | None) -> Iterator[None]:
         sys.exit(128 + signal.Signals[name].value)
 
 
-REPLAY_OPTIONS = ("--check-only", "--run-dir", "--save-dir", "--no-save", "--write-experiment", "--rehash", "--help")
-
-
 def _complete_replay() -> bool:
     """`qloader replay <TAB>`: replay's options, else nothing, so the shell completes file names."""
     if not ({"-sc", "--shell-completion"} & set(sys.argv[1:])):
@@ -96,7 +93,11 @@ def _complete_replay() -> bool:
         return False
     current = "" if os.environ.get("COMP_LINE", "").endswith(" ") else words[-1]
     if current.startswith("-"):
-        print(" ".join(option for option in REPLAY_OPTIONS if option.startswith(current)))
+        from qloader.replay import parser
+
+        options = [o for action in parser()._actions for o in action.option_strings if o.startswith("--")]
+        options.sort(key=lambda option: option == "--help")  # replay's own options first, as in its usage line
+        print(" ".join(option for option in options if option.startswith(current)))
     return True
 
 
