@@ -41,5 +41,8 @@ test-slow: setup
 test-gptq: setup-gptq
 	$(BIN)/python -m pytest -m gptq $(PYTEST_ARGS)
 
+# ruff, then the import direction: import-linter's layers contract (pyproject.toml) and a cycle count.
 lint: setup
-	$(BIN)/ruff check qloader tests
+	$(BIN)/ruff check qloader tests benchmarks
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python .ci/import_graph.py

@@ -15,7 +15,7 @@ that imports torch, transformers and bitsandbytes, then loads once.
 
 Every run is measured twice over:
 - in the process: the wall time of the load call, and peak RSS and peak anonymous RSS sampled every
-  2 ms by a helper process (`qloader.measure.PeakSampler`); the load is split into reading the
+  2 ms by a helper process (`qloader.measure.memory.PeakSampler`); the load is split into reading the
   tensors from the shards, the quantization kernel, the rest of quantizing (double quantization,
   packing, dtype conversion), and the rest;
 - as a whole process: wall time from spawn to exit, CPU seconds and peak RSS (`os.wait4`).
@@ -157,8 +157,8 @@ def child(loader: str, mode: str, checkpoint: str, run_dir: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, modeling_utils  # noqa: F401
 
-    from qloader.measure import PeakSampler, _read_status
-    from qloader.quant.bnb_kernel import quantization_kernels
+    from qloader.measure.memory import PeakSampler, _read_status
+    from qloader.quant.methods.bnb_kernel import quantization_kernels
 
     split = LoadSplit().install()
     kernel = None
@@ -397,9 +397,9 @@ def main() -> None:
         print(json.dumps(child(*args.child)))
         return
 
-    from qloader.config import compose
-    from qloader.environment import hardware, versions
-    from qloader.sources import checkpoint_folder
+    from qloader.checkpoint.sources import checkpoint_folder
+    from qloader.config.compose import compose
+    from qloader.measure.environment import hardware, versions
 
     modes = args.modes.split(",")
     checkpoints = {"main": checkpoint_folder(compose(MODEL).model)}  # generated on first use

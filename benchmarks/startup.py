@@ -49,7 +49,7 @@ def commands(app: Path, run_dir: Path) -> dict[str, tuple[list[str], dict]]:
         "qloader --help": ([python, "-m", "qloader", "--help"], {}),
         "qloader --cfg job": ([python, "-m", "qloader", "--cfg", "job", f"hydra.run.dir={run_dir}"], {}),
         "qloader -sc query=bash (completion)": ([python, "-m", "qloader", "-sc", "query=bash"], completion),
-        "qloader-report --help": ([python, "-c", "from qloader.report import main; main()", "--help"], {}),
+        "qloader-report --help": ([python, "-c", "from qloader.runs.report import main; main()", "--help"], {}),
     }
 
 
@@ -87,7 +87,7 @@ def measure(rounds: int) -> dict:
 
 
 def machine() -> dict:
-    from qloader.environment import hardware
+    from qloader.measure.environment import hardware
 
     hw = hardware()
     return {"cpu_model": hw["cpu_model"], "cpu_cores": hw["cpu_cores"], "python": sys.version.split()[0]}

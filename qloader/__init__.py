@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from qloader import _legacy
+
 __version__ = "0.1.0"
+
+_legacy.install()  # module paths that earlier manifests and `.hydra/` records name
 
 if TYPE_CHECKING:
     from qloader.api import LoadResult, load

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from qloader.config import compose_with_choices
-from qloader.manifest import new_run_dir
-from qloader.pipeline import LoadResult, run
+from qloader.config.compose import compose_with_choices
+from qloader.runs.manifest import new_run_dir
+from qloader.runs.pipeline import LoadResult, run
 
 
 def load(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> LoadResult:

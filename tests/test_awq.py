@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tiny_tokenizer import add_tokenizer
 
 import qloader
-from qloader.errors import ConfigError, QuantizationMismatchError
+from qloader.core.errors import ConfigError, QuantizationMismatchError
 
 pytest.importorskip("gptqmodel")
 pytestmark = pytest.mark.gptq

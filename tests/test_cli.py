@@ -49,7 +49,7 @@ def test_console_script_runs_the_same_cli(tmp_path) -> None:
 
     script = Path(sys.executable).with_name("qloader")
     result = subprocess.run([script, "--cfg", "job", "model=tiny-llama"], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0 and "qloader.sources.tiny_llama_checkpoint" in result.stdout
+    assert result.returncode == 0 and "qloader.checkpoint.sources.tiny_llama_checkpoint" in result.stdout
 
 
 def test_help_names_the_other_commands(tmp_path) -> None:
@@ -85,7 +85,7 @@ def test_light_entry_points_import_neither_torch_nor_transformers() -> None:
     import sys
 
     code = (
-        "import sys, qloader, qloader.cli, qloader.report, qloader.config, qloader.replay; "
+        "import sys, qloader, qloader.cli, qloader.runs.report, qloader.config.compose, qloader.runs.replay; "
         "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'bitsandbytes') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

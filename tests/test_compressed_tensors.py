@@ -15,8 +15,8 @@ from damage import assert_missing_tensor_is_named
 from oracle import assert_same_logits, assert_same_model, assert_same_weights
 
 import qloader
-from qloader.errors import ConfigError, QuantizationMismatchError
-from qloader.fingerprint import weights_fingerprint
+from qloader.core.errors import ConfigError, QuantizationMismatchError
+from qloader.measure.fingerprint import weights_fingerprint
 
 pytest.importorskip("compressed_tensors")
 

@@ -7,7 +7,7 @@ from conftest import REPO, run_cli
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from qloader.config import compose
+from qloader.config.compose import compose
 from qloader.quant.merge import build_quantization_config
 
 GROUPS = ("model", "quant", "device_map", "dtype")
@@ -26,7 +26,7 @@ def test_every_shipped_yaml_composes(group: str, option: str) -> None:
 
 def test_defaults_are_smollm2_quant_auto_nf4_auto_bf16() -> None:
     cfg = compose()
-    assert cfg.model._target_ == "qloader.sources.smollm2_checkpoint"
+    assert cfg.model._target_ == "qloader.checkpoint.sources.smollm2_checkpoint"
     assert cfg.quant.auto is True  # quant=auto: bnb-nf4 unless the checkpoint is pre-quantized
     assert (cfg.quant.load_in_4bit, cfg.quant.bnb_4bit_quant_type, cfg.quant.bnb_4bit_use_double_quant) == (
         True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import read_manifest, run_cli
 
-from qloader.stages import STAGE_NAMES
+from qloader.loading.stages import STAGE_NAMES
 
 CASES = {
     "4bit_and_8bit": (

@@ -17,7 +17,7 @@ from families import FAMILIES, mixtral_8x7b_shapes, write_checkpoint, write_shap
 from oracle import MODES, assert_same_model, transformers_load
 
 import qloader
-from qloader.errors import CheckpointError, CheckpointMismatchError, ConfigError, DeviceMapError, ProbeError
+from qloader.core.errors import CheckpointError, CheckpointMismatchError, ConfigError, DeviceMapError, ProbeError
 
 GiB = 2**30
 
@@ -39,7 +39,7 @@ def load(folder: Path, run_dir: Path, *overrides: str):
     """A qloader load of `folder`; its manifest, as written, must match the shipped JSON Schema."""
     import jsonschema
 
-    from qloader.manifest import SCHEMA_PATH
+    from qloader.runs.manifest import SCHEMA_PATH
 
     result = qloader.load(["model=local", f"model.path={folder}", *overrides], run_dir=run_dir)
     jsonschema.validate(json.loads((run_dir / "manifest.json").read_text()), json.loads(SCHEMA_PATH.read_text()))
@@ -119,7 +119,7 @@ def test_task_that_disagrees_with_architectures_says_which_task_to_use(checkpoin
 def test_bad_task_fails_at_compose_listing_the_choices() -> None:
     from hydra.errors import ConfigCompositionException
 
-    from qloader.config import compose
+    from qloader.config.compose import compose
 
     with pytest.raises(ConfigCompositionException) as raised:
         compose(["model=tiny-llama", "model.task=seq2seq"])
@@ -133,8 +133,8 @@ def test_task_choices_are_transformers_auto_classes() -> None:
 
     import transformers
 
-    from qloader.hf_loading import TASKS
-    from qloader.schema import TaskName
+    from qloader.config.schema import TaskName
+    from qloader.loading.hf_loading import TASKS
 
     assert set(get_args(TaskName)) == {"auto", *TASKS}
     assert all(hasattr(transformers, auto) for auto in TASKS.values())
@@ -208,7 +208,7 @@ def test_probe_per_task(name: str, max_tokens: int, checkpoint, tmp_path) -> Non
 
 
 def test_moe_experts_kept_unquantized_say_why(checkpoint, tmp_path) -> None:
-    from qloader.summary import render
+    from qloader.runs.summary import render
 
     manifest = load(checkpoint("mixtral"), tmp_path, "quant=bnb-nf4").manifest
     kept = {g["modules"]: g for g in manifest["model"]["kept"]}
@@ -238,7 +238,7 @@ def mixtral_8x7b(tmp_path_factory) -> Path:
 
 
 def test_mixtral_8x7b_plan_shows_compression_kept_experts_and_host_memory(mixtral_8x7b, tmp_path, monkeypatch) -> None:
-    from qloader import plan
+    from qloader.measure import plan
 
     monkeypatch.setattr(plan, "available_bytes", lambda device: 23 * GiB if device == "cpu" else None)
     manifest = load(mixtral_8x7b, tmp_path, "mode=plan", "quant=bnb-nf4", "device_map=cpu").manifest

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import qloader
-from qloader.fingerprint import RegionHashes, mapped_shards, weights_fingerprint
+from qloader.measure.fingerprint import RegionHashes, mapped_shards, weights_fingerprint
 
 
 def test_unquantized_fingerprint_reuses_file_hashes_and_equals_hashing_the_bytes(tmp_path) -> None:
@@ -39,7 +39,7 @@ def test_a_written_weight_changes_the_fingerprint_and_leaves_the_proof(tmp_path)
 def test_a_shard_changed_since_it_was_hashed_is_not_trusted(tmp_path) -> None:
     result = qloader.load(["model=tiny-llama", "quant=none", "device_map=cpu"], run_dir=tmp_path)
     smaps = Path("/proc/self/smaps").read_text()
-    from qloader.checkpoint import default_hash_cache
+    from qloader.checkpoint.reader import default_hash_cache
 
     entries = default_hash_cache().entries
     assert mapped_shards(smaps, entries)

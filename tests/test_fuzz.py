@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import qloader
-from qloader.errors import QloaderError
+from qloader.core.errors import QloaderError
 
 SECONDS_PER_MUTANT = 60
 MICRO_LLAMA = [
@@ -32,8 +32,8 @@ MICRO_LLAMA = [
 
 @pytest.fixture(scope="module")
 def micro_checkpoint() -> Path:
-    from qloader.config import compose
-    from qloader.sources import checkpoint_folder
+    from qloader.checkpoint.sources import checkpoint_folder
+    from qloader.config.compose import compose
 
     folder = checkpoint_folder(compose(MICRO_LLAMA).model)
     assert len(list(folder.glob("*.safetensors"))) >= 3

@@ -21,8 +21,8 @@ from oracle import assert_same_logits, assert_same_weights
 from tiny_tokenizer import add_tokenizer
 
 import qloader
-from qloader.errors import QuantizationMismatchError
-from qloader.quant.gptq import calibration_samples, calibration_text_sha256, cpu_has_native_half_matmul
+from qloader.core.errors import QuantizationMismatchError
+from qloader.quant.methods.gptq import calibration_samples, calibration_text_sha256, cpu_has_native_half_matmul
 
 pytest.importorskip("gptqmodel")
 pytestmark = pytest.mark.gptq

@@ -14,8 +14,8 @@ from conftest import read_manifest, run_cli
 from omegaconf import OmegaConf
 
 import qloader
-from qloader.config import compose
-from qloader.errors import CheckpointMismatchError, ConfigError, EnvironmentMismatchError
+from qloader.config.compose import compose
+from qloader.core.errors import CheckpointMismatchError, ConfigError, EnvironmentMismatchError
 from qloader.quant.merge import build_quantization_config
 from qloader.quant.registry import METHODS, method_for_target
 
@@ -233,7 +233,7 @@ def test_bad_field_values_fail_in_resolve_naming_the_field(overrides, fragment, 
 
 
 def test_gpu_methods_list_their_packages_in_the_manifest() -> None:
-    from qloader import environment
+    from qloader.measure import environment
 
     names = environment.packages()
     for package in ("fbgemm-gpu-genai", "kernels", "triton", "flute-kernel", "fp-quant", "hqq"):

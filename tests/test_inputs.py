@@ -16,9 +16,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import qloader
-from qloader.config import compose, compose_with_choices
-from qloader.errors import CheckpointError, OutputError
-from qloader.manifest import resolved_config
+from qloader.config.compose import compose, compose_with_choices
+from qloader.core.errors import CheckpointError, OutputError
+from qloader.runs.manifest import resolved_config
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -137,7 +137,7 @@ def test_tokenizer_of_a_checkpoint_without_one_is_a_checkpoint_error(tmp_path) -
 
 
 def test_probe_summary_of_a_prequantized_checkpoint_says_what_was_compared() -> None:
-    from qloader.summary import _probe_line
+    from qloader.runs.summary import _probe_line
 
     compared_with = "a pre-quantized checkpoint has no unquantized weights (perplexity and sample only)"
     prequantized = {"perplexity": 46.9, "reference_perplexity": None, "top1_agreement": None, "mean_kl": None}

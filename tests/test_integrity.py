@@ -24,7 +24,7 @@ from damage import (
 )
 
 import qloader
-from qloader.errors import QloaderError
+from qloader.core.errors import QloaderError
 
 GATE = "model.layers.0.mlp.gate_proj.weight"
 DOWN = "model.layers.1.mlp.down_proj.weight"

@@ -15,7 +15,7 @@ from conftest import REPO, read_manifest, run_cli
 from damage import copy_checkpoint, tree_state
 
 import qloader
-from qloader.errors import OutputError
+from qloader.core.errors import OutputError
 
 
 def start_cli(*overrides: str, run_dir: Path) -> subprocess.Popen:
@@ -88,7 +88,7 @@ def test_unwritable_run_dir_is_one_clear_line(tmp_path) -> None:
 
 def test_disk_full_while_writing_the_manifest(tiny_checkpoint, tmp_path, monkeypatch) -> None:
     """The final write fails (ENOSPC): a clear error, the last complete manifest stays, the checkpoint is untouched."""
-    from qloader import manifest as manifest_module
+    from qloader.runs import manifest as manifest_module
 
     folder = copy_checkpoint(tiny_checkpoint, tmp_path / "checkpoint")
     before = tree_state(folder)

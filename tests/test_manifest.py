@@ -9,8 +9,8 @@ import pytest
 from conftest import read_manifest, run_cli
 
 import qloader
-from qloader.manifest import SCHEMA_PATH, config_hash, write_json_atomic
-from qloader.stages import STAGE_NAMES
+from qloader.loading.stages import STAGE_NAMES
+from qloader.runs.manifest import SCHEMA_PATH, config_hash, write_json_atomic
 
 SCHEMA = json.loads(SCHEMA_PATH.read_text())
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from qloader.measure import measure_stage, memory_method
+from qloader.measure.memory import measure_stage, memory_method
 
 MiB = 2**20
 
@@ -40,7 +40,7 @@ def test_a_starved_sampler_marks_the_peak_inexact() -> None:
     import os
     import signal
 
-    from qloader.measure import EXACT_GAP_S, PeakSampler
+    from qloader.measure.memory import EXACT_GAP_S, PeakSampler
 
     sampler = PeakSampler.shared()
     with measure_stage("calm") as calm:

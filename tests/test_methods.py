@@ -19,14 +19,14 @@ from damage import copy_checkpoint, drop_tensor, edit_tensors, shard_of
 from oracle import assert_same_logits, assert_same_model, assert_same_weights, method_load
 
 import qloader
-from qloader.errors import (
+from qloader.core.errors import (
     CheckpointError,
     CheckpointMismatchError,
     ConfigError,
     EnvironmentMismatchError,
     NonFiniteWeightError,
 )
-from qloader.fingerprint import weights_fingerprint
+from qloader.measure.fingerprint import weights_fingerprint
 from qloader.quant.base import inner_tensors
 
 TINY = "model=tiny-llama"

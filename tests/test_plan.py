@@ -6,7 +6,7 @@ import pytest
 from conftest import read_manifest, run_cli
 
 import qloader
-from qloader.stages import STAGE_NAMES
+from qloader.loading.stages import STAGE_NAMES
 
 
 @pytest.mark.parametrize("quant", ["none", "bnb-nf4", "bnb-int8"])

@@ -8,7 +8,7 @@ import pytest
 from conftest import read_manifest, run_cli
 
 import qloader
-from qloader.report import collect
+from qloader.runs.report import collect
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qloader
-from qloader.errors import CheckpointError, RunDirInUseError
-from qloader.manifest import SCHEMA_PATH, new_run_dir, record_killed_job
+from qloader.core.errors import CheckpointError, RunDirInUseError
+from qloader.runs.manifest import SCHEMA_PATH, new_run_dir, record_killed_job
 
 SCHEMA = json.loads(SCHEMA_PATH.read_text())
 # A tiny-llama whose 4-bit load takes seconds rather than milliseconds, so a signal lands mid-job.
@@ -161,7 +161,7 @@ def test_a_stale_job_is_recorded_as_killed(tmp_path) -> None:
     (never / ".hydra").mkdir(parents=True)
     from omegaconf import OmegaConf
 
-    from qloader.config import compose
+    from qloader.config.compose import compose
 
     OmegaConf.save(compose(["model=tiny-llama"]), never / ".hydra" / "config.yaml")
     OmegaConf.save(OmegaConf.create(["model=tiny-llama"]), never / ".hydra" / "overrides.yaml")
@@ -180,7 +180,7 @@ def test_killed_cache_build_is_cleaned_up_and_builds_are_locked(tmp_path, monkey
     started = tmp_path / "started"
     script = (
         "import time, pathlib\n"
-        "from qloader.sources import _build_once\n"
+        "from qloader.checkpoint.sources import _build_once\n"
         "def build(out):\n"
         "    (out / 'big.bin').write_bytes(b'x' * 1000)\n"
         f"    pathlib.Path({str(started)!r}).write_text(str(out))\n"
@@ -197,7 +197,7 @@ def test_killed_cache_build_is_cleaned_up_and_builds_are_locked(tmp_path, monkey
     child.wait()
     assert leftover.is_dir()  # what a killed build leaves
 
-    from qloader.sources import _build_once
+    from qloader.checkpoint.sources import _build_once
 
     builds = []
 
@@ -249,7 +249,7 @@ def test_a_malformed_hash_cache_is_ignored_with_one_warning(
     cache.mkdir()
     (cache / "sha256-cache.json").write_text(content)
     monkeypatch.setenv("QLOADER_CACHE", str(cache))
-    from qloader.checkpoint import default_hash_cache
+    from qloader.checkpoint.reader import default_hash_cache
 
     result = qloader.load(["model=local", f"model.path={tiny_checkpoint}", "quant=none"], run_dir=tmp_path / "run")
     assert result.manifest["status"] == "succeeded"
@@ -303,7 +303,7 @@ def test_save_after_a_forward_that_rewrote_the_weights_is_refused(tmp_path) -> N
     import bitsandbytes as bnb
     import torch
 
-    from qloader.errors import SaveError
+    from qloader.core.errors import SaveError
 
     result = qloader.load(["model=tiny-llama", "quant=bnb-nf4"], run_dir=tmp_path / "run")
     layers = [m for m in result.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -320,7 +320,7 @@ def test_save_after_a_forward_that_rewrote_the_weights_is_refused(tmp_path) -> N
 def test_save_after_a_forward_that_kept_the_weights_is_allowed(tmp_path) -> None:
     import torch
 
-    from qloader.errors import ConfigError
+    from qloader.core.errors import ConfigError
 
     result = qloader.load(["model=tiny-llama", "quant=bnb-int8"], run_dir=tmp_path / "run")
     with torch.no_grad():
@@ -348,7 +348,7 @@ def test_library_warnings_and_records_are_routed_but_others_are_not(tmp_path) ->
 import logging, sys, warnings
 from pathlib import Path
 import bitsandbytes
-from qloader.library_logs import library_records_to
+from qloader.core.library_logs import library_records_to
 logging.basicConfig()
 bnb_file = str(Path(bitsandbytes.__file__).parent / "autograd" / "_functions.py")
 with library_records_to(Path(sys.argv[1])):
@@ -385,7 +385,7 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 @SETTINGS
 @given(data=st.data())
 def test_any_hash_cache_content_never_crashes(tmp_path, data) -> None:
-    from qloader.checkpoint import HashCache
+    from qloader.checkpoint.reader import HashCache
 
     target = tmp_path / "weights.bin"
     target.write_bytes(b"weights")
@@ -427,8 +427,8 @@ def field_paths(value, prefix=()) -> list[tuple]:
 def test_any_manifest_field_never_crashes_the_summaries(recorded, tmp_path, data) -> None:
     import copy
 
-    from qloader import report, summary
-    from qloader.errors import QloaderError
+    from qloader.core.errors import QloaderError
+    from qloader.runs import report, summary
 
     manifest = copy.deepcopy(json.loads(json.dumps(recorded, default=str)))
     path = data.draw(st.sampled_from(field_paths(manifest)))

@@ -14,10 +14,10 @@ import yaml
 from conftest import REPO, read_manifest, run_cli
 
 import qloader
-from qloader.config import compose
-from qloader.fingerprint import weights_fingerprint
-from qloader.manifest import config_hash, resolved_config
-from qloader.replay import experiment_yaml
+from qloader.config.compose import compose
+from qloader.measure.fingerprint import weights_fingerprint
+from qloader.runs.manifest import config_hash, resolved_config
+from qloader.runs.replay import experiment_yaml
 
 
 def replay_cli(*args: str) -> subprocess.CompletedProcess:
@@ -137,7 +137,7 @@ def test_missing_checkpoint_is_a_clear_error(local_copy, tmp_path) -> None:
 @pytest.mark.parametrize("name", ["smollm2-nf4", "quant-sweep", "dtype-sweep"])
 def test_shipped_experiments_compose(name: str) -> None:
     cfg = compose([f"+experiment={name}"])
-    assert cfg.model._target_ == "qloader.sources.smollm2_checkpoint"
+    assert cfg.model._target_ == "qloader.checkpoint.sources.smollm2_checkpoint"
 
 
 def test_experiment_copied_from_a_run_reproduces_its_config_hash(tmp_path) -> None:
@@ -275,7 +275,7 @@ def test_replay_records_the_choices_so_its_experiment_keeps_its_groups(tmp_path)
 
 
 def test_write_experiment_by_name_lands_where_plus_experiment_finds_it(recorded) -> None:
-    from qloader.config import config_dir
+    from qloader.config.compose import config_dir
 
     name = f"replayed-{os.getpid()}"
     target = config_dir() / "experiment" / f"{name}.yaml"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from qloader import report
-from qloader.report import COLUMNS, collect, plot, sweep_title, write_summary
+from qloader.runs import report
+from qloader.runs.report import COLUMNS, collect, plot, sweep_title, write_summary
 
 MiB = 2**20
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -49,7 +49,7 @@ def manifest(
         "stages": [stage("resolve", 0.2), *([stage("load", 1.5, 120, 300)] if done else [])],
         "error": {"type": error[0], "message": error[1], "stage": "resolve"} if error else None,
         "probe": probe,
-        "config": {"model": model_options or {"_target_": "qloader.sources.smollm2_checkpoint"}},
+        "config": {"model": model_options or {"_target_": "qloader.checkpoint.sources.smollm2_checkpoint"}},
         "choices": {"model": model, "quant": "x"} if model else {},
         "plan": {"footprint_bytes": int(planned_mib * MiB)} if planned_mib else None,
     }
@@ -204,7 +204,7 @@ def test_jobs_sharing_a_quantization_are_told_apart_by_what_differs(tmp_path) ->
 
 
 def test_title_names_every_model(tmp_path) -> None:
-    local = {"_target_": "qloader.sources.local_checkpoint", "path": "/data/my-llama"}
+    local = {"_target_": "qloader.checkpoint.sources.local_checkpoint", "path": "/data/my-llama"}
     sweep_dir = make_sweep(
         tmp_path / "sweep",
         [

@@ -88,8 +88,8 @@ def test_each_job_measures_only_its_own_memory(tmp_path) -> None:
     common = ["model=tiny-llama", "model.intermediate_size=2816", "model.num_hidden_layers=4", "quant=bnb-int8"]
     # Generate both checkpoints first: a job that builds its checkpoint frees that memory before the load
     # stage, which then reuses it and shows little anon growth.
-    from qloader.config import compose
-    from qloader.sources import checkpoint_folder
+    from qloader.checkpoint.sources import checkpoint_folder
+    from qloader.config.compose import compose
 
     for hidden in (64, 1024):
         checkpoint_folder(compose([*common, f"model.hidden_size={hidden}"]).model)

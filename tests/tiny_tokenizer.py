@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qloader.quant.gptq import CALIBRATION_TEXT
+from qloader.quant.methods.gptq import CALIBRATION_TEXT
 
 
 def add_tokenizer(folder: Path, vocab_size: int = 512) -> Path:

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from qloader.errors import CheckpointError, EnvironmentMismatchError, QuantizationMismatchError
+from qloader.core.errors import CheckpointError, EnvironmentMismatchError, QuantizationMismatchError
 from qloader.quant.base import MergeRow
 from qloader.quant.registry import method_for_target, method_of
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from qloader.quant.awq import Awq
 from qloader.quant.base import NoQuantConfig, QuantMethod
-from qloader.quant.bnb import Bitsandbytes
-from qloader.quant.compressed_tensors import CompressedTensors
-from qloader.quant.gptq import Gptq
-from qloader.quant.gpu import GPU_METHODS
-from qloader.quant.quanto import Quanto
-from qloader.quant.torchao import Torchao
+from qloader.quant.methods.awq import Awq
+from qloader.quant.methods.bnb import Bitsandbytes
+from qloader.quant.methods.compressed_tensors import CompressedTensors
+from qloader.quant.methods.gptq import Gptq
+from qloader.quant.methods.gpu import GPU_METHODS
+from qloader.quant.methods.quanto import Quanto
+from qloader.quant.methods.torchao import Torchao
 
 METHODS: dict[str, QuantMethod] = {
     m.quant_method: m for m in (Bitsandbytes(), Torchao(), Quanto(), CompressedTensors(), Gptq(), Awq(), *GPU_METHODS)

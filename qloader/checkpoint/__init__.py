@@ -1,0 +1,1 @@
+"""Checkpoints on disk: reading headers and hashes, integrity checks, model sources, writing a loaded model."""

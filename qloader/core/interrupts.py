@@ -1,0 +1,69 @@
+"""Ctrl-C and SIGTERM end a run or a sweep once, cleanly: the first signal interrupts, repeats wait.
+
+A Ctrl-C reaches every process of the terminal's group (the sweep, its job processes), and a sweep
+passes the signal on to its job for a signal sent to the sweep alone: a job process can see the same
+interrupt twice. A repeat arriving while the first is being recorded must not cut that record short.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from qloader.core.errors import RunKilled
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+def signal_name(interrupt: BaseException) -> str:
+    """`SIGINT` for Ctrl-C (a plain KeyboardInterrupt), else the signal a RunKilled carries."""
+    return getattr(interrupt, "signal_name", "SIGINT")
+
+
+def exit_code(interrupt: BaseException) -> int:
+    """128 + the signal number, as a shell reports a process ended by that signal (130, 143)."""
+    return 128 + signal.Signals[signal_name(interrupt)].value
+
+
+def _interrupt_once():
+    """A handler that raises for the first signal and ignores the rest."""
+    interrupted = False
+
+    def interrupt(signum: int, frame) -> None:
+        nonlocal interrupted
+        if interrupted:
+            return
+        interrupted = True
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise RunKilled(signal.Signals(signum).name)
+
+    return interrupt
+
+
+@contextmanager
+def signals_as_interrupt() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt and SIGTERM RunKilled, once; later ones are ignored until the block ends.
+
+    Outside the main thread (where Python cannot set handlers) the block runs with the handlers as they are.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = _interrupt_once()
+    previous = {sig: signal.signal(sig, handler) for sig in HANDLED}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def install_for_process() -> None:
+    """The same handling for the rest of this process (a sweep's launcher, which has no enclosing block)."""
+    if threading.current_thread() is threading.main_thread():
+        handler = _interrupt_once()
+        for sig in HANDLED:
+            signal.signal(sig, handler)

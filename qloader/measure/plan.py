@@ -1,0 +1,218 @@
+"""What a load will cost, read off the quantized skeleton on the meta device (no tensor data)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from qloader.quant.base import QuantMethod
+
+
+@dataclass
+class DeviceEstimate:
+    quantized_bytes: int = 0
+    """Packed quantized weights (4-bit, int8, fp8 data)."""
+    quant_state_bytes: int = 0
+    """Scales, zero points, code books, nested statistics: what the method keeps beside the packed data."""
+    unquantized_bytes: int = 0
+    buffer_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.quantized_bytes + self.quant_state_bytes + self.unquantized_bytes + self.buffer_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    device_map: dict[str, str]
+    devices: dict[str, DeviceEstimate]
+    footprint_bytes: int
+    peak_load_bytes: int
+    """Footprint plus the largest shard: the load holds one shard's tensors on top of the model."""
+    budgets: dict[str, int]
+    """Bytes per device: max_memory where it sets one, else the memory available on the device now."""
+    budget_sources: dict[str, str] = field(default_factory=dict)
+    """Per budget: 'max_memory', or 'available' (measured; no max_memory was set for the device)."""
+    unquantized_bytes: int | None = None
+    """The same model unquantized, at the skeleton's dtype (tied weights once, buffers included)."""
+    kept: list = field(default_factory=list)
+    """inventory.KeptGroup: module groups owning weights that the method leaves unquantized, and why."""
+    parameters: int | None = None
+    """Logical parameter count (tied weights once)."""
+
+    @property
+    def compression(self) -> float | None:
+        """Unquantized footprint / planned footprint: what quantizing buys."""
+        if not self.unquantized_bytes or not self.footprint_bytes:
+            return None
+        return round(self.unquantized_bytes / self.footprint_bytes, 2)
+
+    @property
+    def shortfall_bytes(self) -> dict[str, int]:
+        return {
+            d: e.total_bytes - self.budgets[d]
+            for d, e in self.devices.items()
+            if e.total_bytes > self.budgets.get(d, 1 << 62)
+        }
+
+    @property
+    def fits(self) -> bool:
+        return not self.shortfall_bytes
+
+    def as_dict(self) -> dict:
+        devices = {d: {**asdict(e), "total_bytes": e.total_bytes} for d, e in self.devices.items()}
+        return {
+            "device_map": self.device_map,
+            "devices": devices,
+            "footprint_bytes": self.footprint_bytes,
+            "peak_load_bytes": self.peak_load_bytes,
+            "budgets": self.budgets,
+            "budget_sources": self.budget_sources,
+            "fits": self.fits,
+            "shortfall_bytes": self.shortfall_bytes,
+            "parameters": self.parameters,
+            "unquantized_bytes": self.unquantized_bytes,
+            "compression": self.compression,
+            "kept": [group.as_dict() for group in self.kept],
+        }
+
+
+def device_of(name: str, device_map: dict) -> str:
+    """The device of a module: the longest device_map prefix that owns it."""
+    best = max((p for p in device_map if p == "" or name == p or name.startswith(p + ".")), key=len, default="")
+    return str(device_map.get(best, "cpu"))
+
+
+def budgets_in_bytes(max_memory: dict | None) -> dict[str, int]:
+    """max_memory ('2GiB', 500MB, bytes) as bytes per device."""
+    from accelerate.utils import convert_file_size_to_int
+
+    return {str(d): convert_file_size_to_int(size) for d, size in (max_memory or {}).items()}
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory available on a device now: the host's available memory for 'cpu' (as accelerate measures it when
+    no max_memory is given), free memory for a CUDA device; None for anything else ('disk')."""
+    if device == "cpu":
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    index = device.removeprefix("cuda:")
+    if index.isdigit():
+        import torch
+
+        if torch.cuda.is_available() and int(index) < torch.cuda.device_count():
+            return int(torch.cuda.mem_get_info(int(index))[0])
+    return None
+
+
+def _budgets(max_memory: dict | None, devices) -> tuple[dict[str, int], dict[str, str]]:
+    """max_memory where set; for the other devices the plan uses, what is available now."""
+    budgets = budgets_in_bytes(max_memory)
+    sources = dict.fromkeys(budgets, "max_memory")
+    for device in devices:
+        if device not in budgets and (have := available_bytes(device)) is not None:
+            budgets[device], sources[device] = have, "available"
+    return budgets, sources
+
+
+def estimate(
+    model: nn.Module,
+    device_map: dict,
+    largest_shard_bytes: int,
+    max_memory: dict | None,
+    method: QuantMethod | None = None,
+    quantizer: Any = None,
+    source: Any = None,
+) -> Plan:
+    """Bytes per device for the skeleton as it will be loaded; tied weights counted once.
+
+    The method plug-in says what each parameter it quantizes will occupy (packed data + quant state);
+    everything else is counted at its skeleton dtype. `source` (hf_loading.SourceFacts) gives the
+    unquantized size, for the compression. A device without a max_memory budget is compared with the
+    memory available on it now.
+    """
+    from qloader.measure.inventory import kept_groups
+
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    devices: dict[str, DeviceEstimate] = {}
+    quantized: set[str] = set()
+    for module_name, module in model.named_modules():
+        device = devices.setdefault(device_of(module_name, device_map), DeviceEstimate())
+        for name, param in module.named_parameters(recurse=False):
+            full_name = f"{module_name}.{name}".lstrip(".")
+            if full_name in tied:
+                continue
+            planned = None if method is None else method.planned_bytes(quantizer, model, full_name, module, param)
+            if planned is not None:
+                quantized.add(module_name)
+                device.quantized_bytes += planned.packed
+                device.quant_state_bytes += planned.state
+            else:
+                device.unquantized_bytes += param.numel() * param.element_size()
+        device.buffer_bytes += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+    footprint = sum(e.total_bytes for e in devices.values())
+    placement = {module: str(device) for module, device in device_map.items()}
+    budgets, sources = _budgets(max_memory, devices)
+    kept = kept_groups(model, lambda name, module: name in quantized, method, quantizer, tied)
+    return Plan(
+        placement,
+        devices,
+        footprint,
+        footprint + largest_shard_bytes,
+        budgets,
+        sources,
+        None if source is None else source.bytes,
+        kept,
+        None if source is None else source.parameters,
+    )
+
+
+def render(plan: dict) -> str:
+    """The plan as printed by `qloader mode=plan`, from the manifest's `plan` section."""
+    from qloader.core.units import mib
+
+    lines = [f"qloader plan: device_map {plan['device_map']}", ""]
+    titles = [("device", 8), ("quantized", 14), ("quant state", 14), ("unquantized", 14), ("buffers", 12)]
+    titles += [("total", 14), ("budget", 14)]
+    lines.append("  " + "".join(f"{t:<{w}}" if t == "device" else f"{t:>{w}}" for t, w in titles))
+    for device, e in plan["devices"].items():
+        budget = mib(plan["budgets"][device]) if device in plan["budgets"] else "-"
+        lines.append(
+            f"  {device:<8}{mib(e['quantized_bytes']):>14}{mib(e['quant_state_bytes']):>14}"
+            f"{mib(e['unquantized_bytes']):>14}{mib(e['buffer_bytes']):>12}{mib(e['total_bytes']):>14}{budget:>14}"
+        )
+    sources = plan.get("budget_sources") or {}
+    short = ", ".join(
+        f"{d} by {mib(n)}" + (" (available memory; no max_memory set)" if sources.get(d) == "available" else "")
+        for d, n in plan["shortfall_bytes"].items()
+    )
+    label = "fits max_memory" if all(v == "max_memory" for v in sources.values()) else "fits memory"
+    lines += [""]
+    if plan.get("class"):
+        lines.append(f"  model                     {plan['class']} (task {plan.get('task') or '-'})")
+    lines += [
+        f"  estimated footprint       {mib(plan['footprint_bytes'])}",
+        f"  estimated peak (loading)  {mib(plan['peak_load_bytes'])}  (footprint + largest shard)",
+    ]
+    if plan.get("compression"):
+        lines.append(
+            f"  compression               {plan['compression']}x  (unquantized {mib(plan['unquantized_bytes'])})"
+        )
+    for group in plan.get("kept") or []:
+        lines.append(f"  kept unquantized          {describe_kept(group, plan.get('parameters'))}")
+    measured = " (available memory; no max_memory set)" if "available" in sources.values() else ""
+    lines.append(f"  {label:<26}{'yes' + measured if plan['fits'] else 'does not fit: short on ' + short}")
+    return "\n".join(lines)
+
+
+def describe_kept(group: dict, total: int | None = None) -> str:
+    """'32 experts blocks (MixtralExperts: fused 3-D expert weights are not Linear), 45,097,156,608 parameters
+    (96.6 %)'."""
+    what = f"{group['modules']} ({group['module_class']}: {group['reason']})"
+    if not group["parameters"]:
+        return f"{what}, its weight tied to another module's"
+    share = f" ({100 * group['parameters'] / total:.1f} %)" if total else ""
+    return f"{what}, {group['parameters']:,} parameters{share}"

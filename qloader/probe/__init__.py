@@ -1,0 +1,1 @@
+"""The fidelity probe: perplexity, agreement and KL against the unquantized model."""

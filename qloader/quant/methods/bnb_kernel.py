@@ -1,0 +1,316 @@
+"""Fused CPU kernels for bitsandbytes' quantization while loading (`quant.kernel`: auto, bnb, fused).
+
+bitsandbytes quantizes on CPU with chains of eager torch ops (its `default` kernels): for 4-bit,
+blockwise absmax, scale, clamp, nearest code by midpoints, two codes per byte; for LLM.int8(),
+row absmax, scale, round. This module runs the same ops, in the same order, compiled by
+`torch.compile` (inductor's C++ backend, OpenMP over every core) into one loop each. They are
+installed as the CPU kernels of the `bitsandbytes::quantize_4bit` and
+`bitsandbytes::int8_vectorwise_quant` ops only while a load runs, so `Params4bit`, `Int8Params`,
+`QuantState`, double quantization and every downstream kernel stay bitsandbytes' own. The output is
+byte-for-byte bitsandbytes' (tests/test_kernels.py checks it); inputs a kernel does not cover
+(sizes, dtypes, storage, NaN / Inf, zero rows, int8 outliers) go to bitsandbytes' kernel.
+
+`auto` picks the fused kernels when the planned number of quantized elements wins back the compile
+on this host: the compiled code is cached under `$QLOADER_CACHE/kernels` (inductor's FX graph
+cache), and the first call's cost on this host is recorded there, so a machine pays the full
+compile once per torch version and every later load (a sweep's jobs too) pays only the cache hit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+KERNELS = ("auto", "bnb", "fused")
+OPS = ("quantize_4bit", "int8_vectorwise_quant")
+# Seconds per element the fused kernels save against bitsandbytes' eager ones: about half of what a
+# shared 2-core CPU measured (quantize_4bit with double quant 106-141 ns/element eager vs 15-16 fused,
+# int8_vectorwise_quant 29-48 vs 2-4), so `auto` errs towards bitsandbytes' kernel.
+SAVED_S_PER_ELEMENT = {"quantize_4bit": 25e-9, "int8_vectorwise_quant": 10e-9}
+# What the first call costs before this host has recorded its own figure (seconds).
+DEFAULT_FIRST_CALL_S = {"cold": 20.0, "warm": 2.5}
+
+
+@dataclass
+class KernelReport:
+    """What the quantization kernels did during one load: for the manifest and the benchmark."""
+
+    kernel: str = "bnb"
+    """The kernel used: bnb or fused (auto resolves to one of them before the load)."""
+    requested: str = "bnb"
+    reason: str = ""
+    """Why `kernel` was used (auto: the planned element count against the compile cost on this host)."""
+    planned_elements: int = 0
+    fused_calls: int = 0
+    fallback_calls: int = 0
+    bnb_calls: int = 0
+    kernel_s: float = 0.0
+    """Seconds inside the quantization op (either kernel), summed over the load."""
+    first_call_s: float | None = None
+    """The first fused call, compile included (or its cache hit)."""
+    cache_dir: str | None = None
+    threads: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        out = dict(self.__dict__)
+        out["kernel_s"] = round(self.kernel_s, 4)
+        return out
+
+
+# ---------------------------------------------------------------- the fused math
+
+
+def _quantize_blocks(blocks: torch.Tensor, midpoints: tuple[float, ...], order: torch.Tensor | None):
+    """bitsandbytes' default `quantize_4bit` for a (blocks, blocksize) input.
+
+    The same ops in the same order, with one change of form: the nearest code's index,
+    `torch.bucketize(scaled, midpoints)`, is written as the number of midpoints strictly below the
+    value, which is the same integer for every non-NaN input and compiles to one vectorized loop.
+    """
+    blocks = blocks.float()
+    absmax = blocks.abs().max(dim=-1)[0]
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    q = (scaled > midpoints[0]).to(torch.int32)
+    for midpoint in midpoints[1:]:
+        q = q + (scaled > midpoint).to(torch.int32)
+    if order is not None:
+        q = order[q]
+    q8 = q.to(torch.uint8)
+    packed = ((q8[::2] << 4) | q8[1::2]).unsqueeze(1)
+    return packed, absmax
+
+
+def _quantize_rows(A: torch.Tensor):
+    """bitsandbytes' default `int8_vectorwise_quant` (threshold 0) for a 2-D input: the same ops, in order."""
+    row_stats = torch.max(A.abs(), dim=1).values.float()
+    out_row = torch.round(A * (127.0 / row_stats.unsqueeze(-1))).to(torch.int8)
+    return out_row, row_stats
+
+
+@functools.cache
+def _compiled(name: str):
+    kernel = {"quantize_4bit": _quantize_blocks, "int8_vectorwise_quant": _quantize_rows}[name]
+    return torch.compile(kernel, dynamic=True, fullgraph=True)
+
+
+def _fused_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
+    """The compiled 4-bit kernel, with bitsandbytes' own midpoints (exact fp32 values) baked in as constants."""
+    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
+    midpoints, order = _get_4bit_quantize_bounds(quant_type, A.device)
+    constants = tuple(float(m) for m in midpoints)
+    return _compiled("quantize_4bit")(A.reshape(-1, blocksize), constants, None if quant_type == "nf4" else order)
+
+
+def _bnb_4bit(A: torch.Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype):
+    """bitsandbytes' own kernel for this op (its `default` registration), past ours."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    return torch.ops.bitsandbytes.quantize_4bit.default.redispatch(keys, A, blocksize, quant_type, quant_storage)
+
+
+def _bnb_int8(A: torch.Tensor, threshold: float):
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    return torch.ops.bitsandbytes.int8_vectorwise_quant.default.redispatch(keys, A, threshold)
+
+
+# ---------------------------------------------------------------- the compile cache and the auto decision
+
+
+def kernel_cache_dir() -> Path:
+    """Where the compiled kernels live: per qloader cache and torch version (inductor's code is per torch build)."""
+    from qloader.core.cache import cache_dir
+
+    return cache_dir() / "kernels" / f"torch-{torch.__version__}"
+
+
+def _costs_file() -> Path:
+    return kernel_cache_dir() / "first-call.json"
+
+
+def recorded_first_call_s() -> dict[str, float]:
+    """op/dtype -> the last first-call seconds measured on this host with the cache warm ('cold:' keys: a compile)."""
+    try:
+        return json.loads(_costs_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _record_first_call(key: str, seconds: float, cold: bool) -> None:
+    from qloader.core.files import write_json_atomic
+
+    costs = recorded_first_call_s()
+    costs[f"{'cold:' if cold else ''}{key}"] = round(seconds, 3)
+    with contextlib.suppress(OSError):  # a read-only cache: the next load estimates again
+        _costs_file().parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(_costs_file(), costs)
+
+
+def choose_kernel(requested: str, op: str, planned_elements: int, on_cpu: bool = True) -> tuple[str, str]:
+    """(kernel, reason): `auto` is fused when the planned elements save more than the first call costs here."""
+    if requested != "auto":
+        return requested, f"quant.kernel={requested}"
+    if not on_cpu or planned_elements <= 0:
+        return "bnb", "auto: this load quantizes no weight on the CPU, where the fused kernel runs"
+    costs = recorded_first_call_s()
+    warm = [v for k, v in costs.items() if k.startswith(op + "/")]
+    if warm:
+        first, how = max(warm), "cache hit recorded on this host"
+    elif any(k.startswith(f"cold:{op}/") for k in costs):  # compiled here once: the next call is a cache hit
+        first, how = DEFAULT_FIRST_CALL_S["warm"], "cached on this host, cache hit estimated"
+    else:
+        first, how = DEFAULT_FIRST_CALL_S["cold"], "compile, not yet cached on this host (estimate)"
+    saved = planned_elements * SAVED_S_PER_ELEMENT[op]
+    verdict = "fused" if saved > first else "bnb"
+    return verdict, (
+        f"auto: {planned_elements:,} planned elements save about {saved:.1f} s with the fused kernel, "
+        f"its first call costs {first:.1f} s ({how}) -> {verdict}"
+    )
+
+
+@contextmanager
+def _inductor_cache(path: Path) -> Iterator[str]:
+    """Inductor's cache (FX graphs, C++ kernels) under `path` while the block runs; the user's env is restored."""
+    names = ("TORCHINDUCTOR_CACHE_DIR",)
+    before = {name: os.environ.get(name) for name in names}
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        yield cache_dir()
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# ---------------------------------------------------------------- installing the kernels for a load
+
+
+_CALLED: set[str] = set()
+"""Kernels (op/dtype/quant type) this process has already called: compiled, or loaded from the cache."""
+
+
+class _FusedOps:
+    """The CPU implementations installed while a load runs: fused where covered, else bitsandbytes', timed."""
+
+    def __init__(self, report: KernelReport, fused: bool) -> None:
+        self.report, self.fused, self.cold = report, fused, False
+
+    def _first_call(self, key: str, start: float) -> None:
+        if self.report.first_call_s is None:
+            self.report.first_call_s = round(time.perf_counter() - start, 3)
+        if key not in _CALLED:  # what a fresh process pays; a later load in this one finds the kernel in memory
+            _CALLED.add(key)
+            _record_first_call(key, time.perf_counter() - start, self.cold)
+
+    def _failed(self, e: Exception) -> None:
+        self.fused = False  # no C++ compiler, an unsupported platform: bitsandbytes' kernels for the rest
+        if len(self.report.notes) < 3:
+            self.report.notes.append(f"fused kernel failed, used bitsandbytes': {type(e).__name__}: {e}"[:300])
+
+    def quantize_4bit(self, A: torch.Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype):
+        start = time.perf_counter()
+        try:
+            return self._quantize_4bit(A, blocksize, quant_type, quant_storage, start)
+        finally:
+            self.report.kernel_s += time.perf_counter() - start
+
+    def _quantize_4bit(self, A, blocksize, quant_type, quant_storage, start):
+        n = A.numel()
+        covered = n and not n % blocksize and quant_storage == torch.uint8 and not blocksize % 2
+        if not self.fused or not covered or A.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            self._count_bnb()
+            return _bnb_4bit(A, blocksize, quant_type, quant_storage)
+        try:
+            # one graph per input dtype and quant type; sizes are dynamic
+            with torch._dynamo.config.patch(recompile_limit=64):
+                packed, absmax = _fused_4bit(A, blocksize, quant_type)
+        except Exception as e:
+            self._failed(e)
+            self._count_bnb()
+            return _bnb_4bit(A, blocksize, quant_type, quant_storage)
+        self._first_call(f"quantize_4bit/{A.dtype}/{quant_type}", start)
+        if not bool(torch.isfinite(absmax).all()):  # NaN / Inf: bitsandbytes' own result, whatever it is
+            self.report.fallback_calls += 1
+            return _bnb_4bit(A, blocksize, quant_type, quant_storage)
+        self.report.fused_calls += 1
+        return packed, absmax
+
+    def int8_vectorwise_quant(self, A: torch.Tensor, threshold: float = 0.0):
+        start = time.perf_counter()
+        try:
+            return self._int8(A, threshold, start)
+        finally:
+            self.report.kernel_s += time.perf_counter() - start
+
+    def _int8(self, A, threshold, start):
+        covered = A.dim() == 2 and A.numel() and A.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        if not self.fused or not covered:
+            self._count_bnb()
+            return _bnb_int8(A, threshold)
+        if threshold > 0.0 and bool((A.abs() >= threshold).any()):  # outliers: bitsandbytes zeroes their columns
+            self.report.fallback_calls += 1
+            return _bnb_int8(A, threshold)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=64):
+                out_row, row_stats = _compiled("int8_vectorwise_quant")(A.contiguous())
+        except Exception as e:
+            self._failed(e)
+            self._count_bnb()
+            return _bnb_int8(A, threshold)
+        self._first_call(f"int8_vectorwise_quant/{A.dtype}", start)
+        # a zero row (127 / 0), NaN or Inf: bitsandbytes' own result, whatever its conversion gives
+        if not bool(((row_stats > 0) & (row_stats < float("inf"))).all()):
+            self.report.fallback_calls += 1
+            return _bnb_int8(A, threshold)
+        self.report.fused_calls += 1
+        return out_row, row_stats, (torch.empty(0, dtype=torch.int64, device=A.device) if threshold > 0.0 else None)
+
+    def _count_bnb(self) -> None:
+        if self.fused:
+            self.report.fallback_calls += 1
+        else:
+            self.report.bnb_calls += 1
+
+
+@contextmanager
+def quantization_kernels(
+    kernel: str, planned_elements: int = 0, op: str = "quantize_4bit", on_cpu: bool = True
+) -> Iterator[KernelReport]:
+    """While the block runs, bitsandbytes' CPU quantization ops use `kernel` (auto, bnb or fused), timed.
+
+    'bnb' keeps bitsandbytes' kernels (only timed); 'auto' decides from `planned_elements` (see `choose_kernel`).
+    """
+    kernel = str(kernel)  # a str Enum from the schema: the plain value, for the manifest
+    chosen, reason = choose_kernel(kernel, op, planned_elements, on_cpu)
+    report = KernelReport(kernel=chosen, requested=kernel, reason=reason, planned_elements=planned_elements)
+    report.threads = torch.get_num_threads()
+    ops = _FusedOps(report, chosen == "fused")
+    library = torch.library.Library("bitsandbytes", "IMPL")
+    try:
+        with _inductor_cache(kernel_cache_dir()) if chosen == "fused" else _no_cache() as cache:
+            report.cache_dir = cache
+            if cache is not None:
+                ops.cold = not any(Path(cache).glob("fxgraph/*"))
+            for name in OPS:
+                library.impl(name, getattr(ops, name), "CPU")
+            yield report
+    finally:
+        library._destroy()
+
+
+@contextmanager
+def _no_cache() -> Iterator[None]:
+    yield None

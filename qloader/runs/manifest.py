@@ -1,0 +1,280 @@
+"""The run manifest: one JSON record per run, written atomically (temp file, fsync, rename).
+
+`running` is written first, and only where no manifest exists yet: another run's record is never
+overwritten. The same file then becomes `succeeded`, `failed` or `killed`. Its sections are
+built from what the stages returned (the final `LoadContext`), never re-derived afterwards.
+Its JSON Schema ships beside this module as `manifest.schema.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from datetime import datetime, timezone
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from qloader.core.errors import OutputError, RunDirInUseError
+from qloader.core.files import write_json_atomic
+from qloader.measure import environment
+from qloader.measure.memory import StageStats, memory_method
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = files("qloader.runs") / "manifest.schema.json"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    """Plain values throughout: an Enum-typed field (model.task) as its name, which is its value."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the canonical JSON of the resolved config (sorted keys, no whitespace)."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def new_run_dir(root: Path) -> Path:
+    """`root/DATE/HH-MM-SS-PID`, created now and by this process only (`-1`, `-2`, ... if taken).
+
+    Two runs started in the same second never share a run dir, so neither record overwrites the other.
+    """
+    now = datetime.now()
+    base = Path(root) / now.strftime("%Y-%m-%d") / f"{now.strftime('%H-%M-%S')}-{os.getpid()}"
+    for n in itertools.count():
+        candidate = base if n == 0 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.parent.mkdir(parents=True, exist_ok=True)
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OutputError(f"run dir '{candidate}' cannot be created: {e.strerror or e}") from e
+    raise AssertionError("unreachable")
+
+
+def register_run_dir_resolver() -> None:
+    """`${qloader.pid:}` in conf/config.yaml's run and sweep dirs: the launching process's id, resolved
+    once (cached, and carried to joblib's workers with the config like Hydra's `${now:}`)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("qloader.pid"):
+        OmegaConf.register_new_resolver("qloader.pid", lambda: str(os.getpid()), use_cache=True)
+
+
+def _device_map_json(device_map: dict | None) -> dict | None:
+    return None if device_map is None else {module: str(device) for module, device in device_map.items()}
+
+
+def checkpoint_section(checkpoint) -> dict | None:
+    if checkpoint is None:
+        return None
+    files = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in checkpoint.files]
+    return {
+        "path": str(checkpoint.path),
+        "shards": [s.name for s in checkpoint.shards],
+        "files": files,
+        "hash_seconds": checkpoint.hash_seconds,
+        "hashed_files": checkpoint.hashed_files,
+        "hub": checkpoint.hub,
+    }
+
+
+def _plain(value: Any) -> Any:
+    """An enum (transformers' QuantizationMethod) as its plain value."""
+    return getattr(value, "value", value)
+
+
+def _plain_dict(config: dict) -> dict:
+    return {key: _plain(value) for key, value in config.items()}
+
+
+def _quantization_section(ctx) -> dict | None:
+    from qloader.quant.merge import describe
+    from qloader.quant.registry import method_of
+
+    if ctx.checkpoint is None:
+        return None
+    qconfig = ctx.quantization_config
+    return {
+        "method": "none" if qconfig is None else _plain(qconfig.quant_method),
+        "description": describe(qconfig),
+        "config": None if qconfig is None else _plain_dict(method_of(qconfig).config_dict(qconfig)),
+        "quantizer": None if ctx.quantizer is None else type(ctx.quantizer).__name__,
+        "pre_quantized": ctx.pre_quantized,
+        "choice": ctx.quant_choice,
+        "kernel": None if ctx.kernel is None else ctx.kernel.as_dict(),
+        "merge": [row.__dict__ for row in ctx.merge],
+    }
+
+
+def model_choice_section(choice) -> dict:
+    """The task and class model.task chose (hf_loading.ModelChoice), for the `model` and `plan` sections."""
+    if choice is None:
+        return {"task": None, "requested_task": None, "auto_class": None, "architecture": None, "chosen_by": None}
+    return {
+        "task": choice.task,
+        "requested_task": choice.requested,
+        "auto_class": choice.auto_class,
+        "architecture": choice.architecture,
+        "chosen_by": choice.chosen_by,
+    }
+
+
+def _model_section(ctx) -> dict | None:
+    inv = ctx.inventory
+    if inv is None:
+        return None
+    return {
+        "class": inv.model_class,
+        **model_choice_section(ctx.model_choice),
+        "dtype": str(ctx.dtype).removeprefix("torch."),
+        "parameters": inv.parameters,
+        "stored_elements": inv.stored_elements,
+        "quantized_parameters": inv.quantized_parameters,
+        "footprint_bytes": inv.footprint_bytes,
+        "quantized_modules": inv.quantized_count,
+        "quantized_module_classes": inv.quantized_modules,
+        "skipped_modules": inv.skipped_modules,
+        "kept": [group.as_dict() for group in inv.kept],
+        "missing_keys": inv.missing_keys,
+        "unexpected_keys": inv.unexpected_keys,
+        "finite_check": ctx.finite_check,
+        "device_map": _device_map_json(ctx.device_map),
+    }
+
+
+def _plan_section(ctx) -> dict:
+    choice = ctx.model_choice
+    model_class = None if choice is None else choice.cls.__name__
+    return {"class": model_class, **model_choice_section(choice), **ctx.plan.as_dict()}
+
+
+class RunManifest:
+    def __init__(
+        self,
+        path: Path,
+        cfg: DictConfig,
+        overrides: list[str],
+        choices: dict[str, str] | None = None,
+        replay_of: str | None = None,
+    ):
+        config = resolved_config(cfg)
+        self.path = path
+        self.data: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "mode": cfg.get("mode", "load"),
+            "status": "running",
+            "started_at": _now(),
+            "finished_at": None,
+            "pid": os.getpid(),
+            "run_dir": str(path.parent),
+            "cwd": os.getcwd(),
+            "config": config,
+            "overrides": list(overrides),
+            "choices": dict(choices or {}),
+            "replay_of": replay_of,
+            "config_hash": config_hash(config),
+            "versions": environment.versions(),
+            "hardware": environment.hardware(),
+            "measurement": memory_method(),
+            "checkpoint": None,
+            "quantization": None,
+            "environment": None,
+            "stages": [],
+            "plan": None,
+            "model": None,
+            "weights_fingerprint": None,
+            "saved": None,
+            "probe": None,
+            "error": None,
+        }
+
+    def _write(self, exclusive: bool = False) -> None:
+        try:
+            write_json_atomic(self.path, self.data, exclusive=exclusive)
+        except FileExistsError:
+            raise RunDirInUseError(
+                f"run dir '{self.path.parent}' already holds a manifest.json, the record of another run; "
+                "choose a new run dir (hydra.run.dir=..., or run_dir=... in qloader.load): "
+                "a manifest is never overwritten"
+            ) from None
+        except OSError as e:
+            raise OutputError(f"cannot write the run manifest {self.path}: {e.strerror or e}") from e
+
+    def begin(self) -> RunManifest:
+        """Create the manifest (`running`); an existing one, another run's record, is an OutputError."""
+        self._write(exclusive=True)
+        return self
+
+    def add_stage(self, stats: StageStats) -> None:
+        self.data["stages"].append(stats.as_dict())
+
+    def _finish(self, status: str, ctx) -> dict:
+        self.data.update(status=status, finished_at=_now())
+        if ctx is not None:  # None: a job that was interrupted before its process ran a stage
+            self.data.update(
+                checkpoint=checkpoint_section(ctx.checkpoint),
+                quantization=_quantization_section(ctx),
+                environment=ctx.environment or None,
+                plan=None if ctx.plan is None else _plan_section(ctx),
+                model=_model_section(ctx),
+                weights_fingerprint=None if ctx.inventory is None else ctx.inventory.weights_fingerprint,
+                saved=checkpoint_section(ctx.saved),
+                probe=ctx.probe,
+            )
+        self.data["hardware"] = environment.hardware()  # GPUs are only known once torch is imported
+        self._write()
+        return self.data
+
+    def succeed(self, ctx) -> dict:
+        return self._finish("succeeded", ctx)
+
+    def fail(self, error: BaseException, stage: str | None, ctx) -> dict:
+        """Record the failure; if even that cannot be written, the file keeps its last complete state."""
+        status = "killed" if isinstance(error, KeyboardInterrupt) else "failed"
+        message = str(error) or ("interrupted (SIGINT)" if status == "killed" else type(error).__name__)
+        self.data["error"] = {"type": type(error).__name__, "message": message, "stage": stage}
+        try:
+            return self._finish(status, ctx)
+        except OutputError:
+            return self.data
+
+
+def record_killed_job(job_dir: Path, error_type: str, message: str) -> str:
+    """After an interrupted sweep: a job whose process ended without writing its end becomes `killed`.
+
+    A manifest still `running` gets the status and the error; a job dir with no manifest (the job was
+    launched but its process never began) gets a `killed` manifest built from Hydra's `.hydra/` record.
+    Returns the job's final status (`missing` for a folder with neither).
+    """
+    path = job_dir / "manifest.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = None
+        if not isinstance(data, dict) or data.get("status") != "running":
+            return data.get("status", "unreadable") if isinstance(data, dict) else "unreadable"
+        data.update(status="killed", finished_at=_now(), error={"type": error_type, "message": message, "stage": None})
+        write_json_atomic(path, data)
+        return "killed"
+    hydra_dir = job_dir / ".hydra"
+    if not (hydra_dir / "config.yaml").is_file():
+        return "missing"
+    cfg = OmegaConf.load(hydra_dir / "config.yaml")
+    overrides = list(OmegaConf.load(hydra_dir / "overrides.yaml")) if (hydra_dir / "overrides.yaml").is_file() else []
+    manifest = RunManifest(path, cfg, overrides)
+    manifest.data["error"] = {"type": error_type, "message": message, "stage": None}
+    manifest._finish("killed", None)
+    return "killed"

@@ -1,0 +1,463 @@
+"""Sweep summary: one row per job, built from the jobs' manifests alone.
+
+`qloader-report SWEEP_DIR` rebuilds `summary.csv`, `summary.md` and `summary.png` at any time;
+a sweep writes them when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+from qloader.core.names import STAGE_NAMES
+
+MiB = 2**20
+COLUMNS = [
+    "job",
+    "overrides",
+    "status",
+    "model_class",
+    "task",
+    "quantization",
+    "footprint_mib",
+    "compression",
+    "load_s",
+    "load_stage_s",
+    "load_anon_growth_mib",
+    "load_anon_peak_exact",
+    "postprocess_s",
+    *[f"{kind}_mib_{stage}" for stage in STAGE_NAMES for kind in ("peak_anon", "peak_rss")],
+    "perplexity",
+    "reference_perplexity",
+    "top1_agreement",
+    "mean_kl",
+    "error",
+]
+
+
+def _mib(value: int | None) -> float | None:
+    return None if value is None else round(value / MiB, 2)
+
+
+def _job_number(job_dir: Path) -> int | str:
+    from omegaconf import OmegaConf
+
+    hydra_yaml = job_dir / ".hydra" / "hydra.yaml"
+    return OmegaConf.load(hydra_yaml).hydra.job.num if hydra_yaml.is_file() else job_dir.name
+
+
+def _hydra_overrides(job_dir: Path) -> str | None:
+    """The job's overrides as Hydra saved them, for a job that never wrote its manifest."""
+    from omegaconf import OmegaConf
+
+    saved = job_dir / ".hydra" / "overrides.yaml"
+    return " ".join(OmegaConf.load(saved)) if saved.is_file() else None
+
+
+def _row(job_dir: Path) -> dict:
+    path = job_dir / "manifest.json"
+    row: dict = dict.fromkeys(COLUMNS)
+    row["job"] = _job_number(job_dir)
+    if not path.is_file():
+        return {
+            **row,
+            "overrides": _hydra_overrides(job_dir),
+            "status": "missing",
+            "error": f"no manifest.json in {job_dir}",
+        }
+    try:
+        return _sanitized(_manifest_row(row, json.loads(path.read_text())))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as e:
+        why = f"{type(e).__name__}: {e}"[:200]
+        return {
+            **row,
+            "overrides": _hydra_overrides(job_dir),
+            "status": "unreadable",
+            "error": f"ManifestError: {path} is not a qloader manifest ({why})",
+        }
+
+
+TEXT_COLUMNS = ("overrides", "status", "model_class", "task", "quantization", "error", "_model", "_error_type")
+
+
+def _sanitized(row: dict) -> dict:
+    """Figures that are numbers and labels that are text, whatever a hand-edited manifest holds."""
+    for key, value in row.items():
+        if key in TEXT_COLUMNS:
+            row[key] = None if value is None else str(value)
+        elif key not in ("job", "_baseline_key") and value is not None and not isinstance(value, bool):
+            ok = isinstance(value, int | float) and math.isfinite(value) and abs(value) < 1e15
+            row[key] = value if ok else None
+    row["_baseline_key"] = json.dumps(row.get("_baseline_key"), default=str)
+    return row
+
+
+def _manifest_row(row: dict, m: dict) -> dict:
+    row.update(
+        overrides=" ".join(m["overrides"]),
+        status=m["status"],
+        model_class=(m["model"] or m.get("plan") or {}).get("class"),
+        task=(m["model"] or m.get("plan") or {}).get("task"),
+        quantization=(m["quantization"] or {}).get("description"),
+        footprint_mib=_mib((m["model"] or {}).get("footprint_bytes")),
+        load_s=round(sum(s["wall_s"] for s in m["stages"]), 3),
+        error=None if m["error"] is None else f"{m['error']['type']}: {m['error']['message']}",
+    )
+    probe = m.get("probe") or {}
+    for key in ("perplexity", "reference_perplexity", "top1_agreement", "mean_kl"):
+        row[key] = probe.get(key)
+    for stage in m["stages"]:
+        if stage["name"] == "load" and stage["anon_peak_bytes"] is not None:
+            row["load_stage_s"] = stage["wall_s"]
+            row["load_anon_growth_mib"] = _mib(stage["anon_peak_bytes"] - stage["anon_start_bytes"])
+            row["load_anon_peak_exact"] = stage.get("anon_peak_exact")  # False: the sampler may have missed the peak
+        if stage["name"] == "postprocess":  # where a calibrating method (GPTQ) spends its time
+            row["postprocess_s"] = stage["wall_s"]
+        if stage["name"] in STAGE_NAMES:
+            row[f"peak_anon_mib_{stage['name']}"] = _mib(stage["anon_peak_bytes"])
+            row[f"peak_rss_mib_{stage['name']}"] = _mib(stage["rss_peak_bytes"])
+    row["_baseline_key"] = (
+        (m["checkpoint"] or {}).get("path"),
+        (m["model"] or {}).get("dtype"),
+    )
+    row["_model"] = _model_name(m)
+    row["_planned_footprint_mib"] = _mib((m.get("plan") or {}).get("footprint_bytes"))
+    row["_error_type"] = (m["error"] or {}).get("type")
+    return row
+
+
+def _model_name(m: dict) -> str | None:
+    """The model's Hydra option (`smollm2-135m`), with its path or repo when it has one; else the checkpoint folder."""
+    options = (m.get("config") or {}).get("model") or {}
+    detail = options.get("repo_id") or (Path(options["path"]).name if options.get("path") else None)
+    choice = (m.get("choices") or {}).get("model")
+    if choice:
+        return f"{choice} ({detail})" if detail and detail != choice else choice
+    if (m.get("checkpoint") or {}).get("path"):
+        return Path(m["checkpoint"]["path"]).name
+    return detail or (options.get("_target_") or "").rsplit(".", 1)[-1] or None
+
+
+def _add_compression(rows: list[dict]) -> None:
+    """footprint of the unquantized (`none`) job with the same checkpoint and dtype / this footprint."""
+    baseline = {
+        r["_baseline_key"]: r["footprint_mib"] for r in rows if r["quantization"] == "none" and r["footprint_mib"]
+    }
+    for r in rows:
+        base = baseline.get(r.pop("_baseline_key", None))
+        r["compression"] = round(base / r["footprint_mib"], 2) if base and r["footprint_mib"] else None
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    """One row per job folder (any folder holding `.hydra/` or a manifest), in job order."""
+    job_dirs = {p.parent for p in sweep_dir.glob("*/manifest.json")} | {p.parent for p in sweep_dir.glob("*/.hydra")}
+    rows = [_row(d) for d in job_dirs]
+    _add_compression(rows)
+    return sorted(rows, key=lambda r: (str(type(r["job"])), r["job"]))
+
+
+def markdown(rows: list[dict]) -> str:
+    """The short table: the columns a reader compares at a glance."""
+    cols = [
+        ("job", "job"),
+        ("overrides", "overrides"),
+        ("status", "status"),
+        ("footprint_mib", "footprint MiB"),
+        ("compression", "compression"),
+        ("load_s", "total s"),
+        ("load_stage_s", "load stage s"),
+        ("load_anon_growth_mib", "load anon growth MiB"),
+        ("postprocess_s", "postprocess s"),
+        ("peak_anon_mib_load", "load peak anon MiB"),
+        ("perplexity", "ppl"),
+        ("top1_agreement", "top-1 agree"),
+        ("mean_kl", "mean KL"),
+        ("error", "error"),
+    ]
+
+    def cell(key: str, value, row: dict) -> str:
+        if value is None:
+            return ""
+        text = f"{value}x" if key == "compression" else str(value)
+        if key in ("load_anon_growth_mib", "peak_anon_mib_load") and row.get("load_anon_peak_exact") is False:
+            text = f"≥ {text}"  # the sampler was starved during the stage: the true peak may be higher
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(title for _, title in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(key, r[key], r) for key, _ in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# Quality figures a sweep may carry, best first: (column, axis label, higher is better).
+QUALITY = [
+    ("top1_agreement", "top-1 agreement with the unquantized reference", "top-1 agreement", True),
+    ("perplexity", "perplexity", "perplexity", False),
+]
+MAX_FAILED_SHOWN = 6  # crosses on the quality panel; the note under the plot lists every failed job
+FALLBACK_Y = ("load_s", "load time, s", "load time", False)
+
+
+def _shorten(text: str, width: int = 90) -> str:
+    return text if len(text) <= width else text[: width // 2 - 1] + "…" + text[-(width // 2) :]
+
+
+def _failure(row: dict) -> str:
+    """`failed: CheckpointError`, `killed: KeyboardInterrupt`, `missing`."""
+    kind = row.get("_error_type")
+    if not kind and row["status"] in ("failed", "killed") and row["error"]:
+        kind = row["error"].partition(":")[0]
+    return f"{row['status']}: {kind}" if kind else row["status"]
+
+
+def _job(row: dict, width: int = 200) -> str:
+    """`#1 model=local model.path=/nope quant=none`."""
+    return f"#{row['job']} {_shorten(row['overrides'] or '', width)}".rstrip()
+
+
+def _failed_label(row: dict, width: int = 200) -> str:
+    """`#1 model=local model.path=/nope quant=none (failed: CheckpointError)`."""
+    return f"{_job(row, width)} ({_failure(row)})"
+
+
+def _point_labels(rows: list[dict]) -> list[str]:
+    """The quantization, or the overrides; jobs sharing one also get the overrides that tell them apart."""
+    base = [r["quantization"] or r["overrides"] or f"#{r['job']}" for r in rows]
+    labels = []
+    for r, b in zip(rows, base, strict=True):
+        group = [(o["overrides"] or "").split() for o, c in zip(rows, base, strict=True) if c == b]
+        if len(group) > 1:
+            values: dict[str, set] = {}
+            for tokens in group:
+                for key, _, value in (t.partition("=") for t in tokens):
+                    values.setdefault(key, set()).add(value)
+            own = (r["overrides"] or "").split()
+            differ = " ".join(t for t in own if len(values[t.partition("=")[0]]) > 1) or f"#{r['job']}"
+            b = f"{b}, {differ}" if differ != b else b
+        labels.append(_shorten(b, 60))
+    return labels
+
+
+def sweep_title(rows: list[dict], sweep_dir: Path) -> str:
+    """`qloader sweep: smollm2-135m — multirun/2026-11-25/10-00-00`."""
+    models = list(dict.fromkeys(r["_model"] for r in rows if r.get("_model")))
+    named = ", ".join(models[:3]) + (f" +{len(models) - 3} more" if len(models) > 3 else "") or "unknown model"
+    try:
+        where = sweep_dir.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        where = sweep_dir
+    return f"qloader sweep: {named} — {where}"
+
+
+def _overlap(a, b) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _place_labels(ax, renderer, points: list[tuple[str, float, float]], taken: list) -> None:
+    """Label each point at the nearby offset that overlaps the fewest other labels and points."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    inside = ax.get_window_extent(renderer)
+    marks = [Bbox.from_bounds(*(ax.transData.transform((x, y)) - 4), 8, 8) for _, x, y in points]
+    # Beside the point first; further up or down with a leader line when those are taken.
+    offsets = [(7, 5, "left"), (7, -12, "left"), (-7, 5, "right"), (-7, -12, "right")]
+    offsets += [(dx, dy, ha) for dy in (18, -25, 31, -38, 44, -51) for dx, ha in ((14, "left"), (-14, "right"))]
+    for i, (label, x, y) in enumerate(points):
+        best = None
+        for dx, dy, ha in offsets:
+            leader = {"arrowstyle": "-", "color": "grey", "linewidth": 0.6} if abs(dy) > 12 else None
+            text = ax.annotate(
+                label, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, fontsize=9, arrowprops=leader
+            )
+            text.update_positions(renderer)
+            box = Text.get_window_extent(text, renderer)  # the text alone, not its leader line
+            outside = box.width * box.height - _overlap(box, inside)
+            cost = 10 * outside + sum(_overlap(box, t) for t in taken)
+            cost += sum(_overlap(box, m) for j, m in enumerate(marks) if j != i)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, text, box)
+            else:
+                text.remove()
+            if cost == 0:
+                break
+        taken.append(best[2])
+
+
+def _quality_points(rows: list[dict]) -> dict:
+    """The y figure (the first of QUALITY any job has, else load time) and the succeeded jobs that have it."""
+    done = [r for r in rows if r["status"] == "succeeded"]
+    column, ylabel, short, higher = next((q for q in QUALITY if any(r[q[0]] is not None for r in rows)), FALLBACK_Y)
+    points, unplotted = [], []
+    for r, label in zip(done, _point_labels(done), strict=True):
+        if r["footprint_mib"] and r[column] is not None:
+            points.append((label, r["footprint_mib"], r[column]))
+        else:
+            unplotted.append(_job(r, 70))
+    ylabel = f"{ylabel} ({'higher' if higher else 'lower'} is better)"
+    if column == FALLBACK_Y[0]:
+        ylabel += "\nno probe figures in this sweep (run it with probe=quick)"
+    return {
+        "metric": column,
+        "short": short,
+        "ylabel": ylabel,
+        "higher_is_better": higher,
+        "points": points,
+        "unplotted": unplotted,
+    }
+
+
+def _quality_panel(ax, rows: list[dict], drawn: dict) -> None:
+    """Quality (or load time) against footprint, one point per job; a band on the worse edge for failed jobs."""
+    from matplotlib.lines import Line2D
+
+    done = [r for r in rows if r["status"] == "succeeded"]
+    failed = [r for r in rows if r["status"] != "succeeded"]
+    column, short, ylabel, higher, points = (
+        drawn[k] for k in ("metric", "short", "ylabel", "higher_is_better", "points")
+    )
+
+    # Axis limits: the points, with a band on the worse-quality edge kept free for the failed jobs.
+    xs = [x for _, x, _ in points] + [r["_planned_footprint_mib"] for r in failed if r.get("_planned_footprint_mib")]
+    x_lo, x_hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    x_pad = 0.15 * (x_hi - x_lo) or 0.15 * abs(x_hi) or 1.0
+    ax.set_xlim(max(0.0, x_lo - x_pad), x_hi + x_pad)
+    ys = [y for _, _, y in points]
+    y_lo, y_hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    span = (y_hi - y_lo) or 0.1 * abs(y_hi) or 1.0
+    band = 0.05 + 0.07 * min(len(failed), MAX_FAILED_SHOWN) if failed else 0.0
+    total = span / (1 - band - 0.24)
+    below, above = (band + 0.12) * total, 0.12 * total
+    ax.set_ylim(*((y_lo - below, y_hi + above) if higher else (y_lo - above, y_hi + below)))
+
+    ax.scatter([x for _, x, _ in points], ys, s=40, color="tab:blue", zorder=3)
+    ax.set_xlabel("footprint, MiB (smaller is better)")
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.grid(alpha=0.3)
+    refs = {r["reference_perplexity"] for r in done if r["reference_perplexity"] is not None}
+    if column == "perplexity" and len(refs) == 1:
+        ax.axhline(refs.pop(), color="grey", linestyle="--", linewidth=1, label="unquantized reference perplexity")
+    if not points:
+        ax.text(0.5, 0.5, "no succeeded job to plot", transform=ax.transAxes, ha="center", color="grey")
+
+    arrow = ("↖" if higher else "↙") + f" better: smaller footprint, {'higher' if higher else 'lower'} {short}"
+    handles = [Line2D([], [], marker="o", linestyle="", color="tab:blue", label="job (succeeded)")]
+    if failed:
+        handles.append(
+            Line2D([], [], marker="x", linestyle="", color="red", markeredgewidth=2, label="job not succeeded")
+        )
+    handles += [h for h in ax.get_lines() if h.get_label() == "unquantized reference perplexity"]
+    handles.append(Line2D([], [], linestyle="", label=arrow))
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.0), ncols=len(handles), fontsize=9, frameon=False)
+    drawn.update(xlabel=ax.get_xlabel(), failed=[_failed_label(r) for r in failed])
+
+
+def _label_quality_panel(ax, rows: list[dict], points: list[tuple[str, float, float]], higher: bool) -> None:
+    """Failed jobs as red crosses stacked on the worse-quality edge (at their planned footprint, else the left
+    edge), then a label by each point where it overlaps least. Needs the axes' final position."""
+    renderer = ax.figure.canvas.get_renderer()
+    taken = []
+    failed = [r for r in rows if r["status"] != "succeeded"][:MAX_FAILED_SHOWN]
+    for i, r in enumerate(failed):
+        label = _failed_label(r, 70)
+        y = 0.04 + 0.07 * (len(failed) - 1 - i) if higher else 0.96 - 0.07 * i  # first job nearest the points
+        planned = r.get("_planned_footprint_mib")
+        at_x = (planned - ax.get_xlim()[0]) / (ax.get_xlim()[1] - ax.get_xlim()[0]) if planned else 0.015
+        left = at_x > 0.6
+        ax.plot(at_x, y, "x", color="red", markersize=9, markeredgewidth=2, transform=ax.transAxes, clip_on=False)
+        text = ax.annotate(
+            label, (at_x, y), xycoords="axes fraction", xytext=(-8 if left else 8, 0), textcoords="offset points",
+            ha="right" if left else "left", va="center", fontsize=8, color="red",
+        )  # fmt: skip
+        taken.append(text.get_window_extent(renderer))
+    _place_labels(ax, renderer, points, taken)
+
+
+def _bar_panels(mem, time, rows: list[dict]) -> None:
+    """Per job: footprint and load-stage anon growth; load time, all stages and the load stage alone."""
+    y = list(range(len(rows)))
+    labels = [_job(r, 60) for r in rows]
+    labels = [
+        lab if r["status"] == "succeeded" else f"{lab} ✗ {r['status']}" for lab, r in zip(labels, rows, strict=True)
+    ]
+    mem.barh([i - 0.2 for i in y], [r["footprint_mib"] or 0 for r in rows], height=0.4, label="footprint")
+    growth = [r["load_anon_growth_mib"] or 0 for r in rows]
+    mem.barh([i + 0.2 for i in y], growth, height=0.4, label="anon growth in load stage")
+    mem.set_yticks(y, labels, fontsize=8)
+    for tick, r in zip(mem.get_yticklabels(), rows, strict=True):
+        tick.set_color("black" if r["status"] == "succeeded" else "red")
+    mem.set_xlabel("MiB")
+    time.barh([i - 0.2 for i in y], [r["load_s"] or 0 for r in rows], height=0.4, color="tab:green", label="all stages")
+    load = [r["load_stage_s"] or 0 for r in rows]
+    time.barh([i + 0.2 for i in y], load, height=0.4, color="tab:olive", label="load stage")
+    time.set_yticks(y, [""] * len(rows))
+    time.set_xlabel("seconds")
+    for ax in (mem, time):
+        ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1), ncols=2, frameon=False)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+
+
+def plot(rows: list[dict], path: Path, title: str = "qloader sweep") -> dict:
+    """summary.png: quality against footprint above, per-job memory and load time below, failures listed.
+
+    Returns what it drew: title, axis labels, `points` [(label, footprint MiB, y)], `failed` [labels], `note`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    failed = [r for r in rows if r["status"] != "succeeded"]
+    errors = [" ".join((r["error"] or "no error recorded").split()) for r in failed]
+    note = [
+        f"{_job(r, 70)}: {r['status']} — {e if len(e) < 110 else e[:109] + '…'}"
+        for r, e in zip(failed, errors, strict=True)
+    ]
+    drawn = _quality_points(rows)
+    note += [f"{job}: succeeded, but has no footprint or {drawn['metric']} to plot" for job in drawn["unplotted"]]
+    bars_h = 1.4 + 0.45 * max(len(rows), 1)
+    heights = [6, bars_h] + ([0.3 + 0.2 * (len(note) + 1)] if note else [])
+    fig = Figure(figsize=(13, sum(heights)), layout="constrained")
+    FigureCanvasAgg(fig)
+    panels = fig.subfigures(len(heights), 1, height_ratios=heights)  # each laid out on its own
+    quality = panels[0].subplots()
+    mem, time = panels[1].subplots(1, 2)
+    fig.suptitle(title, fontsize=13)
+    _bar_panels(mem, time, rows)
+    _quality_panel(quality, rows, drawn)
+    if note:
+        text = "\n".join(["jobs without a point on the quality plot:", *note])
+        panels[2].text(0.005, 0.95, text, va="top", fontsize=8, color="darkred").set_in_layout(False)
+    fig.canvas.draw()  # lay the panels out once, then freeze them so the labels can be placed without overlap
+    fig.set_layout_engine("none")
+    _label_quality_panel(quality, rows, drawn["points"], drawn["higher_is_better"])
+    fig.savefig(path, dpi=100)
+    return {"title": title, **drawn, "note": note}
+
+
+def write_summary(sweep_dir: Path) -> list[dict]:
+    """summary.csv, summary.md and summary.png in `sweep_dir`; returns the rows."""
+    rows = collect(sweep_dir)
+    with (sweep_dir / "summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")  # not the private `_` keys
+        writer.writeheader()
+        writer.writerows(rows)
+    (sweep_dir / "summary.md").write_text(markdown(rows))
+    plot(rows, sweep_dir / "summary.png", title=sweep_title(rows, sweep_dir))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="qloader-report", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun dir, e.g. multirun/2026-11-24/10-00-00")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        parser.error(f"sweep dir '{args.sweep_dir}' does not exist")
+    rows = write_summary(args.sweep_dir)
+    print(markdown(rows), end="")
+    print(f"wrote {args.sweep_dir}/summary.csv, summary.md, summary.png ({len(rows)} jobs)")
