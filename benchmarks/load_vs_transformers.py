@@ -39,6 +39,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from qloader.config.quant_options import quant_options
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 MODEL, METHOD_MODEL = ["model=synthetic-1b"], ["model=smollm2-135m"]
@@ -48,14 +50,12 @@ MODES = {
     "nf4-dq": ["quant=bnb-nf4", "quant.bnb_4bit_use_double_quant=true"],
     "int8": ["quant=bnb-int8"],
 }
-METHODS = (
-    "torchao-int8wo",
-    "torchao-int8dq",
-    "torchao-fp8wo",
-    "torchao-int4",
-    "quanto-int8",
-    "quanto-int4",
-    "quanto-fp8",
+# Every conf/quant option of torchao and optimum-quanto, as qloader's method registry maps them.
+METHODS = tuple(
+    option
+    for family in ("torchao", "quanto")
+    for option, method in quant_options().items()
+    if method is not None and method.quant_method == family
 )
 MODES.update({method: [f"quant={method}"] for method in METHODS})
 # SmolLM2-135M in nf4, qloader's default run: `auto` must never make it slower than bitsandbytes' kernel
@@ -158,7 +158,7 @@ def child(loader: str, mode: str, checkpoint: str, run_dir: str) -> dict:
     from transformers import AutoModelForCausalLM, modeling_utils  # noqa: F401
 
     from qloader.measure.memory import PeakSampler, _read_status
-    from qloader.quant.methods.bnb_kernel import quantization_kernels
+    from qloader.quant.bnb_kernel import quantization_kernels
 
     split = LoadSplit().install()
     kernel = None

@@ -90,6 +90,14 @@ def main() -> None:
     user_wants_hydra_report = "HYDRA_FULL_ERROR" in os.environ
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
+        _run_hydra(user_wants_hydra_report)
+    finally:
+        if not user_wants_hydra_report:  # `main` may run again in this process (tests, notebooks)
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def _run_hydra(user_wants_hydra_report: bool) -> None:
+    try:
         _main()
     except KeyboardInterrupt as interrupt:  # a sweep's launcher, or Hydra before a run: one line, no traceback
         from qloader.runs.sweep import end_interrupted_sweep

@@ -11,14 +11,42 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def pytest_configure(config) -> None:
-    """Every cache the suite writes lives in one folder per session, never in the user's ~/.cache.
+CACHED_BY = ("torch", "transformers", "bitsandbytes", "accelerate", "safetensors", "tokenizers", "gguf", "torchao")
+"""Distributions whose versions change what the suite caches (converted SmolLM2, compiled kernels, references)."""
+BUILT_BY = (
+    "qloader/checkpoint/sources.py",
+    "qloader/probe/fidelity.py",
+    "qloader/probe/reference.py",
+    "qloader/quant/bnb_kernel.py",
+)
+"""qloader modules that build what the suite caches: a change to one starts a fresh cache."""
 
-    `QLOADER_TEST_CACHE=DIR` reuses a folder across sessions (generated checkpoints, SmolLM2's bf16 copy).
-    """
+
+def suite_cache_root() -> Path:
+    """Where the suite's caches live: `QLOADER_TEST_CACHE` if set, else one folder per installed versions and
+    builder sources under the system temp dir, kept between sessions, so the GGUF conversion, the kernel compile
+    and the probe references are paid once per machine. Never the user's ~/.cache."""
+    import hashlib
+    import importlib.metadata
     import tempfile
 
-    root = Path(os.environ.get("QLOADER_TEST_CACHE") or tempfile.mkdtemp(prefix="qloader-test-cache-"))
+    if env := os.environ.get("QLOADER_TEST_CACHE"):
+        return Path(env)
+    key = hashlib.sha256()
+    for name in CACHED_BY:
+        try:
+            key.update(f"{name}=={importlib.metadata.version(name)};".encode())
+        except importlib.metadata.PackageNotFoundError:
+            key.update(f"{name} absent;".encode())
+    for path in BUILT_BY:
+        key.update((REPO / path).read_bytes())
+    return Path(tempfile.gettempdir()) / f"qloader-test-cache-{os.getuid()}" / key.hexdigest()[:16]
+
+
+def pytest_configure(config) -> None:
+    """Every cache the suite writes lives in `suite_cache_root()`, never in the user's ~/.cache; tests of the caches
+    themselves point QLOADER_CACHE at a tmp_path of their own."""
+    root = suite_cache_root()
     for name, sub in (("QLOADER_CACHE", "qloader"), ("HF_HOME", "huggingface"), ("MPLCONFIGDIR", "matplotlib")):
         os.environ[name] = str(root / sub)
 
@@ -62,6 +90,28 @@ def run_cli(*overrides: str, run_dir: Path, env: dict | None = None) -> subproce
         env={**os.environ, **(env or {})},
         timeout=300,
     )
+
+
+def run_cli_in_process(*overrides: str, run_dir: Path) -> subprocess.CompletedProcess:
+    """`qloader <overrides>` through `qloader.cli.main` in this process: the same exit code, stdout and stderr as
+    `run_cli` gives, without paying a fresh interpreter and torch import (most of a CLI test's time). Use
+    `run_cli` for what only a process shows: signals, console scripts, import side effects."""
+    import contextlib
+    import io
+
+    from qloader import cli
+
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = ["qloader", *overrides, f"hydra.run.dir={run_dir}"]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
 
 
 def read_manifest(run_dir: Path) -> dict:

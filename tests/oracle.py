@@ -40,6 +40,15 @@ QUANTO_WEIGHTS = {"quanto-int8": "int8", "quanto-int4": "int4", "quanto-fp8": "f
 TORCHAO_OPTIONS = ("torchao-int8wo", "torchao-int8dq", "torchao-fp8wo", "torchao-int4")
 
 
+def options_of(*quant_methods: str) -> list[str]:
+    """The conf/quant options of these registered methods (`quant_method` values), in file order; not `auto`, which
+    loads a pre-quantized checkpoint as saved and extends bnb-nf4 only for the others."""
+    from qloader.config.quant_options import quant_options
+
+    options = quant_options()
+    return [o for o, m in options.items() if o != "auto" and m is not None and m.quant_method in quant_methods]
+
+
 def transformers_load(
     path: Path, bnb_kwargs: dict | None, device_map="auto", dtype=torch.bfloat16, auto_class="AutoModelForCausalLM"
 ):
@@ -173,6 +182,24 @@ def assert_same_logits(
         ours_out = getattr(ours(**{k: v.to(ours.device) for k, v in inputs.items()}), output)
         theirs_out = getattr(theirs(**{k: v.to(theirs.device) for k, v in inputs.items()}), output)
     assert torch.equal(ours_out, theirs_out)
+
+
+def cpu_forward_refusals(model) -> set[str]:
+    """The 4-bit layers of a plain transformers `model` whose forward bitsandbytes itself refuses on this CPU, found
+    by running each layer on its own: on AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight on its first forward
+    and raises for shapes its layout cannot take; elsewhere none. Runs that first forward (call it after comparing
+    weights)."""
+    import bitsandbytes as bnb
+
+    refused = set()
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.weight.device.type == "cpu":
+            try:
+                with torch.no_grad():
+                    module(torch.zeros(1, module.in_features, dtype=torch.bfloat16))
+            except (AssertionError, RuntimeError):
+                refused.add(name)
+    return refused
 
 
 def assert_same_model(ours, theirs, inputs: dict | None = None, output: str = "logits") -> None:

@@ -8,13 +8,21 @@ int8: every tensor and the model's output `torch.equal` to `<AutoClass>.from_pre
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from families import FAMILIES, mixtral_8x7b_shapes, write_checkpoint, write_shape_only_checkpoint
-from oracle import MODES, assert_same_model, transformers_load
+from oracle import (
+    MODES,
+    assert_same_logits,
+    assert_same_model,
+    assert_same_weights,
+    cpu_forward_refusals,
+    transformers_load,
+)
 
 import qloader
 from qloader.core.errors import CheckpointError, CheckpointMismatchError, ConfigError, DeviceMapError, ProbeError
@@ -39,10 +47,10 @@ def load(folder: Path, run_dir: Path, *overrides: str):
     """A qloader load of `folder`; its manifest, as written, must match the shipped JSON Schema."""
     import jsonschema
 
-    from qloader.runs.manifest import SCHEMA_PATH
+    from qloader.runs.manifest import manifest_schema
 
     result = qloader.load(["model=local", f"model.path={folder}", *overrides], run_dir=run_dir)
-    jsonschema.validate(json.loads((run_dir / "manifest.json").read_text()), json.loads(SCHEMA_PATH.read_text()))
+    jsonschema.validate(json.loads((run_dir / "manifest.json").read_text()), manifest_schema())
     return result
 
 
@@ -56,9 +64,22 @@ def test_family_equals_transformers(name: str, mode: str, checkpoint, tmp_path) 
     assert (model["class"], model["task"], model["auto_class"]) == (family.model_class, family.task, family.auto_class)
     assert model["requested_task"] == "auto" and model["chosen_by"] == "architectures"
     theirs = transformers_load(folder, bnb_kwargs, auto_class=family.auto_class)
-    assert_same_model(result.model, theirs, inputs=family.inputs(theirs), output=family.output)
+    assert_same_weights(result.model, theirs)
+    if refused := cpu_forward_refusals(theirs):  # AVX512-BF16 CPUs: bitsandbytes cannot run these shapes
+        assert_forward_limit(result.manifest["warnings"], refused)
+    else:
+        assert result.manifest["warnings"] == []
+        assert_same_logits(result.model, theirs, inputs=family.inputs(theirs), output=family.output)
     if mode != "none":
         assert model["quantized_modules"] > 0
+
+
+def assert_forward_limit(warnings: list[str], modules: set[str]) -> None:
+    """One warning, one line, naming exactly `modules` as the ones whose forward cannot run, and the fix."""
+    (warning,) = warnings
+    assert "\n" not in warning and warning.startswith(f"quant bitsandbytes: {len(modules)} quantized module(s) load")
+    fix = re.search(r"; to run it here, keep them unquantized: quant\.llm_int8_skip_modules=\[([^]]*)\]$", warning)
+    assert fix is not None and modules <= set(fix.group(1).split(",")), warning
 
 
 def test_gpt2_conv1d_in_fp4_equals_transformers(checkpoint, tmp_path) -> None:
@@ -129,15 +150,17 @@ def test_bad_task_fails_at_compose_listing_the_choices() -> None:
 
 
 def test_task_choices_are_transformers_auto_classes() -> None:
-    from typing import get_args
-
     import transformers
 
-    from qloader.config.schema import TaskName
-    from qloader.loading.hf_loading import TASKS
+    from qloader.config.schema import Task
+    from qloader.core.names import TASK_AUTO_CLASSES
+    from qloader.runs.manifest import manifest_schema
 
-    assert set(get_args(TaskName)) == {"auto", *TASKS}
-    assert all(hasattr(transformers, auto) for auto in TASKS.values())
+    assert [task.value for task in Task] == ["auto", *TASK_AUTO_CLASSES]
+    assert all(hasattr(transformers, auto) for auto in TASK_AUTO_CLASSES.values())
+    # the manifest's JSON Schema takes its task enum from the same names
+    tasks = manifest_schema()["$defs"]["task"]["enum"]
+    assert tasks[:-1] == list(TASK_AUTO_CLASSES) and tasks[-1] is None
 
 
 def test_no_architectures_falls_back_to_causal_lm_or_names_the_tasks(checkpoint, tmp_path) -> None:
@@ -191,7 +214,18 @@ def test_probe_per_task(name: str, max_tokens: int, checkpoint, tmp_path) -> Non
     """Unquantized: full agreement with its own reference (computed in a fresh process); nf4: close to it."""
     probe = ["probe=quick", f"probe.max_tokens={max_tokens}", "probe.max_new_tokens=4"]
     none = load(checkpoint(name), tmp_path / "none", "quant=none", *probe).manifest["probe"]
-    nf4 = load(checkpoint(name), tmp_path / "nf4", "quant=bnb-nf4", *probe).manifest["probe"]
+    nf4_settings = ["quant=bnb-nf4"]
+    theirs = transformers_load(checkpoint(name), MODES["nf4"][1], auto_class=FAMILIES[name].auto_class)
+    if refused := sorted(cpu_forward_refusals(theirs)):  # AVX512-BF16 CPUs: the classifier's 3 rows; refused first
+        with pytest.raises(ProbeError, match=r"^probe=quick cannot run the model on this host: ") as raised:
+            load(checkpoint(name), tmp_path / "refused", *nf4_settings, *probe)
+        fix = f"quant.llm_int8_skip_modules=[{','.join(refused)}]"
+        assert f"{', '.join(refused)} (out_features 3 is not a multiple of 32)" in str(raised.value)
+        assert f"{fix[:-1]}" in str(raised.value) and "\n" not in str(raised.value)
+        manifest = json.loads((tmp_path / "refused" / "manifest.json").read_text())
+        assert manifest["error"]["stage"] == "preprocess"  # before any shard is read
+        nf4_settings.append(fix)  # what the refusal says to do
+    nf4 = load(checkpoint(name), tmp_path / "nf4", *nf4_settings, *probe).manifest["probe"]
     task = FAMILIES[name].task
     assert none["task"] == nf4["task"] == task
     assert none["top1_agreement"] == 1.0 and none["mean_kl"] == 0.0  # its reference: computed, or cached before
@@ -202,6 +236,36 @@ def test_probe_per_task(name: str, max_tokens: int, checkpoint, tmp_path) -> Non
         assert none["sample"]["output"] in {"LABEL_0", "LABEL_1", "LABEL_2"}
     else:
         assert none["perplexity"] == none["reference_perplexity"] and nf4["perplexity"] > 1
+
+
+@pytest.fixture
+def avx512_bf16_layers(monkeypatch) -> None:
+    """4-bit layers built from now on take the AVX512-BF16 CPU path, whatever this CPU (bitsandbytes' own test,
+    forced): the same checks run on both kinds of CPU. Nothing here runs a forward, which would need that CPU."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+
+
+def test_forward_limit_is_one_warning_in_the_plan_and_its_fix_clears_it(checkpoint, tmp_path, avx512_bf16_layers):
+    """A 3-label head loads in 4-bit, but bitsandbytes' AVX512-BF16 forward cannot take it: mode=plan says so."""
+    plan = load(checkpoint("bert-cls"), tmp_path / "plan", "mode=plan", "quant=bnb-nf4").manifest
+    assert_forward_limit(plan["warnings"], {"classifier"})
+    fix = re.search(r"quant\.llm_int8_skip_modules=\[[^]]*\]$", plan["warnings"][0]).group(0)
+    fixed = load(checkpoint("bert-cls"), tmp_path / "fixed", "quant=bnb-nf4", fix)
+    assert fixed.manifest["warnings"] == [] and type(fixed.model.classifier).__name__ == "Linear"
+    assert fixed.manifest["model"]["quantized_module_classes"] == {"Linear4bit": 13}  # 2 x 6 per layer, the pooler
+
+
+def test_probe_refuses_a_model_this_cpu_cannot_run_before_loading(checkpoint, tmp_path, avx512_bf16_layers) -> None:
+    with pytest.raises(ProbeError) as raised:
+        load(checkpoint("bert-cls"), tmp_path, "quant=bnb-nf4", "probe=quick")
+    message = str(raised.value)
+    assert message.startswith("probe=quick cannot run the model on this host: quant bitsandbytes: 1 quantized module")
+    assert "classifier (out_features 3 is not a multiple of 32)" in message and "\n" not in message
+    assert "quant.llm_int8_skip_modules=[classifier" in message and message.endswith("(probe=off)")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["error"]["stage"] == "preprocess" and "load" not in [s["name"] for s in manifest["stages"]]
 
 
 # MoE honesty, parameter counts -------------------------------------------------------------------------------

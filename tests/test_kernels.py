@@ -8,8 +8,8 @@ import torch
 from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
 
 import qloader
-from qloader.quant.methods import bnb_kernel
-from qloader.quant.methods.bnb_kernel import choose_kernel, quantization_kernels
+from qloader.quant import bnb_kernel
+from qloader.quant.bnb_kernel import choose_kernel, quantization_kernels
 
 SHAPES = [(64,), (4, 64), (128, 192), (3, 4096), (333, 128), (1024, 320), (96, 8), (100,), (65, 3)]
 

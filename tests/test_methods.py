@@ -16,9 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 from damage import copy_checkpoint, drop_tensor, edit_tensors, shard_of
-from oracle import assert_same_logits, assert_same_model, assert_same_weights, method_load
+from oracle import (
+    BNB_OPTIONS,
+    QUANTO_WEIGHTS,
+    TORCHAO_OPTIONS,
+    assert_same_logits,
+    assert_same_model,
+    assert_same_weights,
+    method_load,
+    options_of,
+)
 
 import qloader
+from qloader.config.quant_options import quant_options
 from qloader.core.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -30,8 +40,11 @@ from qloader.measure.fingerprint import weights_fingerprint
 from qloader.quant.base import inner_tensors
 
 TINY = "model=tiny-llama"
+# Every conf/quant option of torchao and optimum-quanto, as the method registry maps them (a new option is tested
+# as soon as its YAML exists, and fails until the expectations below name it).
+OPTIONS = options_of("torchao", "quanto")
 # option -> the class of the weight tensor of each of its 14 quantized Linear layers
-OPTIONS = {
+WEIGHT_CLASSES = {
     "torchao-int8wo": "Int8Tensor",
     "torchao-int8dq": "Int8Tensor",
     "torchao-fp8wo": "Float8Tensor",
@@ -40,9 +53,10 @@ OPTIONS = {
     "quanto-int4": "WeightQBitsTensor",
     "quanto-fp8": "WeightQBytesTensor",
 }
-SAVEABLE = ["torchao-int8wo", "torchao-int8dq", "torchao-fp8wo"]
+# option that cannot be saved -> what its refusal names; every other option saves
 UNSAVEABLE = {"torchao-int4": "PrototypeInt4WeightOnlyConfig", "quanto-int8": "quanto", "quanto-int4": "quanto"}
 UNSAVEABLE["quanto-fp8"] = "quanto"
+SAVEABLE = [option for option in OPTIONS if option not in UNSAVEABLE]
 LINEAR = "model.layers.0.self_attn.q_proj.weight"
 DOWN = "model.layers.1.mlp.down_proj.weight"
 
@@ -80,7 +94,14 @@ def unquantized(tmp_path_factory) -> qloader.LoadResult:
     return qloader.load([TINY, "quant=none"], run_dir=tmp_path_factory.mktemp("none"))
 
 
-@pytest.fixture(scope="module", params=list(OPTIONS))
+def test_every_option_has_its_expectations() -> None:
+    assert sorted(WEIGHT_CLASSES) == sorted(OPTIONS)
+    assert set(UNSAVEABLE) <= set(OPTIONS) and {"torchao-int8wo", "quanto-int8"} <= set(OPTIONS)
+    # the oracle writes out each option of the methods it stands in for, independently of qloader
+    assert {*BNB_OPTIONS, *QUANTO_WEIGHTS, *TORCHAO_OPTIONS} == set(options_of("bitsandbytes", "torchao", "quanto"))
+
+
+@pytest.fixture(scope="module", params=OPTIONS)
 def loaded(request, tmp_path_factory) -> tuple[str, qloader.LoadResult]:
     """One qloader load per option, shared by the tests below (none of them changes the weights for good)."""
     option = request.param
@@ -111,7 +132,7 @@ def test_inventory_and_footprint_are_the_real_storage(loaded, unquantized) -> No
     assert model["quantized_modules"] == 14  # 2 layers x 7 Linear
     assert model["skipped_modules"] == ["lm_head"]
     weights = quantized_weights(result.model)
-    assert len(weights) == 14 and set(weights.values()) == {OPTIONS[option]}
+    assert len(weights) == 14 and set(weights.values()) == {WEIGHT_CLASSES[option]}
     assert "lm_head.weight" not in weights and type(result.model.lm_head.weight) is torch.nn.Parameter
     assert model["footprint_bytes"] == storage_bytes(result.model)
     assert unquantized.manifest["model"]["footprint_bytes"] == storage_bytes(unquantized.model)
@@ -153,7 +174,7 @@ def test_manifest_records_versions_and_choice(loaded) -> None:
     manifest = result.manifest
     for package in ("torchao", "optimum-quanto"):
         assert manifest["versions"][package] == importlib.metadata.version(package)
-    assert manifest["quantization"]["method"] == option.split("-")[0]
+    assert manifest["quantization"]["method"] == quant_options()[option].quant_method
     if option == "torchao-int4":
         if torch.cuda.is_available():
             from torchao.quantization import Int4WeightOnlyConfig as kind
@@ -177,7 +198,7 @@ def nan_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("option", OPTIONS)
 def test_nan_weight_is_named(option, nan_checkpoint, tmp_path) -> None:
     with pytest.raises(NonFiniteWeightError) as raised:
         qloader.load(["model=local", f"model.path={nan_checkpoint}", f"quant={option}"], run_dir=tmp_path)

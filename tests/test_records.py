@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 
 import qloader
 from qloader.core.errors import CheckpointError, RunDirInUseError
-from qloader.runs.manifest import SCHEMA_PATH, new_run_dir, record_killed_job
+from qloader.runs.manifest import manifest_schema, new_run_dir, record_killed_job
 
-SCHEMA = json.loads(SCHEMA_PATH.read_text())
+SCHEMA = manifest_schema()
 # A tiny-llama whose 4-bit load takes seconds rather than milliseconds, so a signal lands mid-job.
 SLOW = ["model=tiny-llama", "model.hidden_size=1024", "model.intermediate_size=2816", "model.num_hidden_layers=4"]
 
@@ -83,9 +83,15 @@ def test_api_default_run_dir_is_unique(tmp_path, monkeypatch) -> None:
 # ---------------------------------------------------------------- records stale: interrupted sweeps
 
 
-def interrupt_sweep(tmp_path: Path, launcher: list[str], quants: str, loads: int, sig: int, to_group: bool):
+def interrupt_sweep(
+    tmp_path: Path, launcher: list[str], quants: str, loads: int, sig: int, to_group: bool, hold: int | None = None
+):
     """Start a sweep, wait until `loads` jobs have begun their load stage, send `sig` (to the whole process
-    group, as a terminal's Ctrl-C does, or to the sweep process alone, as a launcher's teardown does)."""
+    group, as a terminal's Ctrl-C does, or to the sweep process alone, as a launcher's teardown does).
+
+    `hold`: that job's process is stopped (SIGSTOP) as soon as its load has begun and resumed only once `sig` is
+    pending in it (sent by the terminal, or passed on by the sweep a second later): it cannot finish first, however
+    slowly this process or the sweep is scheduled."""
     sweep_dir = tmp_path / "sweep"
     process = cli(
         "-m", *launcher, *SLOW, f"quant={quants}", f"hydra.sweep.dir={sweep_dir}",
@@ -95,12 +101,33 @@ def interrupt_sweep(tmp_path: Path, launcher: list[str], quants: str, loads: int
     while seen.count(b"load 0/") < loads:
         assert time.monotonic() < deadline and process.poll() is None, seen.decode(errors="replace")
         seen += os.read(process.stderr.fileno(), 65536)
+    held = None if hold is None else stop_running_job(sweep_dir / str(hold))
     if to_group:
         os.killpg(process.pid, sig)
     else:
         process.send_signal(sig)
+    if held is not None:
+        while not signal_pending(held, sig):
+            assert time.monotonic() < deadline, f"{signal.Signals(sig).name} never reached job {hold} (pid {held})"
+            time.sleep(0.05)
+        os.kill(held, signal.SIGCONT)
     out, err = process.communicate(timeout=300)
     return process.returncode, out.decode(), (seen + err).decode(errors="replace"), sweep_dir
+
+
+def stop_running_job(job_dir: Path) -> int:
+    """SIGSTOP the process of a job whose manifest says `running`; its pid. Fails if the job had already ended."""
+    manifest = read_manifest(job_dir)
+    assert manifest["status"] == "running", manifest["status"]
+    os.kill(manifest["pid"], signal.SIGSTOP)
+    assert read_manifest(job_dir)["status"] == "running", "the job ended before it could be held"
+    return manifest["pid"]
+
+
+def signal_pending(pid: int, sig: int) -> bool:
+    """Is `sig` waiting to be delivered to the (stopped) process `pid`?"""
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return any(int(status[field], 16) >> (sig - 1) & 1 for field in ("SigPnd", "ShdPnd"))
 
 
 @pytest.mark.slow
@@ -116,10 +143,10 @@ def interrupt_sweep(tmp_path: Path, launcher: list[str], quants: str, loads: int
 )
 def test_interrupted_sweep_ends_every_job_and_writes_the_summary(tmp_path, launcher, sig, to_group) -> None:
     basic = not launcher
-    # basic: job 0 (unquantized, fast) finishes, job 1 is interrupted in its load, job 2 never starts;
-    # joblib: jobs 0 and 1 run side by side when the signal comes, and at least one is interrupted.
+    # basic: job 0 (unquantized, fast) finishes, job 1 is interrupted in its load (held until the signal reaches
+    # it), job 2 never starts; joblib: jobs 0 and 1 run side by side when the signal comes, at least one interrupted.
     quants = "none,bnb-nf4,bnb-int8" if basic else "bnb-nf4,bnb-int8,none"
-    code, out, err, sweep_dir = interrupt_sweep(tmp_path, launcher, quants, 2, sig, to_group)
+    code, out, err, sweep_dir = interrupt_sweep(tmp_path, launcher, quants, 2, sig, to_group, hold=1 if basic else None)
     name = signal.Signals(sig).name
     assert code == 128 + sig, err
     assert "Traceback" not in err and "KeyboardInterrupt\n" not in err, err
@@ -343,15 +370,18 @@ def test_library_noise_goes_to_the_run_log(tmp_path) -> None:
 
 
 def test_library_warnings_and_records_are_routed_but_others_are_not(tmp_path) -> None:
-    """In a plain process (pytest captures warnings and logging itself): library chatter to the file only."""
+    """In a plain process (pytest captures warnings and logging itself): library chatter to the file only.
+
+    bitsandbytes is imported inside the block, as a run imports it (in `resolve`): on AVX512-BF16 CPUs the import
+    itself logs that the kernels hub's CPU kernel could not be fetched."""
     script = """
-import logging, sys, warnings
+import importlib.util, logging, sys, warnings
 from pathlib import Path
-import bitsandbytes
 from qloader.core.library_logs import library_records_to
 logging.basicConfig()
-bnb_file = str(Path(bitsandbytes.__file__).parent / "autograd" / "_functions.py")
+bnb_file = str(Path(importlib.util.find_spec("bitsandbytes").origin).parent / "autograd" / "_functions.py")
 with library_records_to(Path(sys.argv[1])):
+    import bitsandbytes
     warnings.simplefilter("always")
     for _ in range(3):  # repeated per layer
         warnings.warn_explicit("MatMul8bitLt: inputs will be cast from torch.bfloat16", UserWarning, bnb_file, 1)

@@ -12,6 +12,9 @@ import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+from qloader.core.errors import NonFiniteWeightError
 
 LFS_POINTER_PREFIX = b"version https://git-lfs"
 SAFETENSORS_HEADER_LIMIT = 100_000_000
@@ -274,3 +277,16 @@ def _hash_entry_ok(entry: object) -> bool:
     size, mtime, digest = entry.get("size"), entry.get("mtime_ns"), entry.get("sha256")
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (size, mtime))
     return ints and isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+
+
+def check_finite(model, validate: Any, checkpoint_path: Path, parameters: int, offloaded, storage_tensors) -> str:
+    """`validate.finite`: fail on any NaN or Inf weight ('passed'); 'auto' checks models up to
+    `validate.finite_max_parameters` ('skipped' above it, and with validate.finite=false)."""
+    if validate.finite is False or (validate.finite == "auto" and parameters > validate.finite_max_parameters):
+        return "skipped"
+    if bad := nonfinite_weights(model, offloaded, storage_tensors):
+        raise NonFiniteWeightError(
+            f"{checkpoint_path}: {len(bad)} weight(s) hold NaN or Inf after loading: {listing(bad)}. "
+            "Set validate.finite=false to load it anyway"
+        )
+    return "passed"

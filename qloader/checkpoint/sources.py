@@ -18,6 +18,7 @@ from pathlib import Path
 
 from qloader.core.cache import cache_dir
 from qloader.core.errors import CheckpointError
+from qloader.core.names import TOKENIZER_FILES
 
 # `model` fields that are qloader settings rather than arguments of the model source.
 MODEL_SETTINGS = ("expected_sha256", "verify_hashes", "allow_pickle", "trust_remote_code", "task")
@@ -205,14 +206,16 @@ def hub_origin(model, path: Path) -> dict | None:
     return {"repo_id": model.repo_id, "revision": model.get("revision"), "commit": commit}
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+def has_tokenizer(folder: Path) -> bool:
+    """Does the folder hold any tokenizer file (`qloader.core.names.TOKENIZER_FILES`)?"""
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def checkpoint_tokenizer(folder: Path):
     """`AutoTokenizer` from a checkpoint folder; a folder without tokenizer files is one CheckpointError line."""
     from transformers import AutoTokenizer
 
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(folder):
         raise CheckpointError(
             f"checkpoint '{folder}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer "
             "files of the model it came from into it, or load a tokenizer from that model's folder"

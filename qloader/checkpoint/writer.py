@@ -13,24 +13,11 @@ from omegaconf import DictConfig
 from qloader.checkpoint.reader import Checkpoint, inspect_checkpoint
 from qloader.core.errors import OutputError
 from qloader.core.files import check_writable_dir, existing_ancestor
+from qloader.core.names import TOKENIZER_FILES
 from qloader.core.permissions import follow_umask
 from qloader.core.units import mib
 
 log = logging.getLogger("qloader")
-
-# Tokenizer files travel with the weights, copied as they are from the source checkpoint.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "spiece.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-)
 
 
 def check_save_fields(save: DictConfig) -> list[str]:

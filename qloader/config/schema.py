@@ -11,41 +11,26 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from qloader.core.choices import choice_enum
+from qloader.core.names import DEVICE_MAP_CHOICES, DTYPE_CHOICES, MODES, TASKS
 from qloader.quant.base import QuantConfig
 from qloader.quant.registry import schemas as quant_schemas
 
 # ---------------------------------------------------------------- model: where the checkpoint comes from
 
-TaskName = Literal[
-    "auto",
-    "causal-lm",
-    "seq2seq-lm",
-    "masked-lm",
-    "sequence-classification",
-    "token-classification",
-    "question-answering",
-    "speech-seq2seq",
-    "image-text-to-text",
-    "base",
-]
-"""`model.task`: which transformers Auto class picks the model class (see `qloader.loading.hf_loading.TASKS`)."""
-
 # OmegaConf 2.3 rejects `Literal` annotations, so choice fields are typed with str-valued Enums
 # (`qloader.core.choices`): a bad value fails while the config is composed, listing every allowed value.
-Task = choice_enum("Task", get_args(TaskName))
-Strategy = choice_enum(
-    "Strategy",
-    ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda", *(f"cuda:{i}" for i in range(8)), "explicit"),
-)
+Task = choice_enum("Task", TASKS)
+"""`model.task`: which transformers Auto class picks the model class (`qloader.core.names.TASK_AUTO_CLASSES`)."""
+Strategy = choice_enum("Strategy", DEVICE_MAP_CHOICES)
 """`device_map.strategy`; a GPU beyond cuda:7 is reached with strategy=explicit."""
-DtypeName = choice_enum("DtypeName", ("bfloat16", "float16", "float32", "float64", "auto", "bf16", "fp16", "fp32"))
-Mode = choice_enum("Mode", ("load", "plan"))
+DtypeName = choice_enum("DtypeName", DTYPE_CHOICES)
+Mode = choice_enum("Mode", MODES)
 
 
 @dataclass
@@ -197,10 +182,14 @@ SCHEMAS: dict[str, dict[str, type]] = {
 
 
 def register_configs() -> None:
-    """Store every schema; `conf/` YAML files refer to them as `/<group>_<name>_schema@_here_`."""
+    """Store every schema; `conf/` YAML files refer to them as `/<group>_<name>_schema@_here_`.
+
+    The `quant` schemas are read from the method registry on every call: a plug-in imported before the config
+    is composed (a user's own, from Python) brings its schema too.
+    """
     cs = ConfigStore.instance()
     cs.store(name="qloader_schema", node=QloaderConfig)
-    for group, options in SCHEMAS.items():
+    for group, options in {**SCHEMAS, "quant": quant_schemas()}.items():
         for name, node in options.items():
             cs.store(name=f"{group}_{name}_schema", node=node)
 

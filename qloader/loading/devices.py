@@ -8,8 +8,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-PLACEMENTS = ("cpu", "cuda", "explicit")
+from qloader.core.errors import DeviceMapError
+from qloader.core.names import DEVICE_MAP_CHOICES, DEVICE_MAP_STRATEGIES
+
 _DEVICE = re.compile(r"^(cpu|disk|meta|mps|cuda(:\d+)?|\d+)$")
 _SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B)?$", re.IGNORECASE)
 
@@ -22,8 +23,8 @@ def check_device_fields(device_map: DictConfig) -> list[str]:
     """Every problem in the `device_map` group, each naming the field and the value."""
     problems = []
     strategy = device_map.strategy
-    if strategy not in STRATEGIES + PLACEMENTS and not re.match(r"^cuda:\d+$", strategy):
-        choices = ", ".join(STRATEGIES + PLACEMENTS + ("cuda:N",))
+    if strategy not in DEVICE_MAP_CHOICES and not re.match(r"^cuda:\d+$", strategy):
+        choices = ", ".join((*DEVICE_MAP_STRATEGIES, "cpu", "cuda", "explicit", "cuda:N"))
         problems.append(f"device_map.strategy '{strategy}' is not one of {choices}")
     if strategy == "explicit" and not device_map.modules:
         problems.append("device_map.strategy 'explicit' needs device_map.modules (a module -> device mapping)")
@@ -103,3 +104,40 @@ def offload_folder(device_map: DictConfig, checkpoint: Path) -> Path | None:
             "qloader never writes there, choose another folder"
         )
     return folder
+
+
+def on_disk(device_map: dict) -> list[str]:
+    """The modules a device map places on disk."""
+    return sorted(module for module, device in device_map.items() if device == "disk")
+
+
+def check_disk(device_map: dict, offload_folder: Path | None, what: str) -> None:
+    """Modules on disk need `device_map.offload_folder`: qloader never offloads unasked."""
+    from qloader.checkpoint.integrity import listing
+
+    if (placed := on_disk(device_map)) and offload_folder is None:
+        raise DeviceMapError(f"{what} places {listing(placed)} on disk; set device_map.offload_folder to allow it")
+
+
+def does_not_fit(need: int, request: str, max_memory: dict | None, unplaced: list[str]) -> str:
+    """Why accelerate could not place `unplaced` (a model of `need` bytes): the budget, the shortfall, the fix."""
+    from qloader.core.units import mib
+    from qloader.loading import hf_loading
+    from qloader.measure.plan import budgets_in_bytes
+
+    if max_memory:
+        have = sum(budgets_in_bytes(max_memory).values())
+        budget = f"with max_memory {max_memory}: the model does not fit; it needs about {mib(need)} and the budget"
+    else:  # accelerate measured the devices: say what it found, not 'a budget of 0'
+        found = hf_loading.available_memory()
+        have = sum(found.values())
+        where = ", ".join(f"{device} {mib(size)}" for device, size in found.items())
+        budget = (
+            f"with no max_memory set: the model does not fit the memory available ({where}); it needs about "
+            f"{mib(need)} and the available memory"
+        )
+    return (
+        f"device_map '{request}' {budget} allows {mib(have)} (short by {mib(max(need - have, 0))}). "
+        f"{len(unplaced)} module(s) could not be placed: {', '.join(m or '(the whole model)' for m in unplaced[:8])}. "
+        "Raise max_memory; qloader offloads to disk only when device_map.offload_folder is set"
+    )

@@ -37,20 +37,8 @@ from transformers.utils.loading_report import LoadStateDictInfo
 
 from qloader.checkpoint.reader import Checkpoint
 from qloader.core.errors import CheckpointError, ConfigError
-
-TASKS: dict[str, str] = {
-    "causal-lm": "AutoModelForCausalLM",
-    "seq2seq-lm": "AutoModelForSeq2SeqLM",
-    "masked-lm": "AutoModelForMaskedLM",
-    "sequence-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "question-answering": "AutoModelForQuestionAnswering",
-    "speech-seq2seq": "AutoModelForSpeechSeq2Seq",
-    "image-text-to-text": "AutoModelForImageTextToText",
-    "base": "AutoModel",
-}
-"""`model.task` -> the transformers Auto class whose own model mapping picks the class (`auto` aside)."""
-FALLBACK_TASK = "causal-lm"
+from qloader.core.names import FALLBACK_TASK
+from qloader.core.names import TASK_AUTO_CLASSES as TASKS
 
 
 @dataclass(frozen=True)
@@ -195,6 +183,31 @@ def model_class(config: PreTrainedConfig, task: str = "auto", trust_remote_code:
 def causal_lm_class(config: PreTrainedConfig, trust_remote_code: bool = False) -> type[PreTrainedModel]:
     """The class `AutoModelForCausalLM` would pick for this config (its `auto_map` class if trusted)."""
     return model_class(config, FALLBACK_TASK, trust_remote_code).cls
+
+
+def read_config(path: Path, trust_remote_code: bool) -> PreTrainedConfig:
+    """config.json as `AutoConfig` reads it; unreadable or invalid is one CheckpointError naming the file."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+
+
+@contextmanager
+def shard_progress(checkpoint: Checkpoint) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar over the checkpoint's tensors; yields the `on_batch(shard_index, tensors)` that moves it."""
+    from tqdm.auto import tqdm
+
+    shards = checkpoint.shards
+    with tqdm(total=len(checkpoint.tensors), desc=f"load 0/{len(shards)} shards", unit="tensor", leave=False) as bar:
+
+        def on_batch(index: int, tensors: int) -> None:
+            bar.set_description(f"load {index + 1}/{len(shards)} shards")
+            bar.update(tensors)
+
+        yield on_batch
 
 
 def available_memory() -> dict[str, int]:

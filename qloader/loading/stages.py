@@ -1,7 +1,9 @@
-"""The seven stages of a load, in the order they run.
+"""The seven stages of a load, in the order they run, then the optional `save` and `probe`.
 
-Each stage takes the run's `LoadContext` and returns the next one. None of them measures
-itself: the pipeline wraps every call (see `qloader.runs.pipeline`).
+Each stage takes the run's `LoadContext` and returns the next one; it only sequences steps that live in the
+layers below (the quantizer's lifecycle in `qloader.quant.lifecycle`, transformers' loading blocks in
+`qloader.loading.hf_loading`, checks in `qloader.loading.checks`). None of them measures itself: the
+pipeline wraps every call (`qloader.runs.pipeline`).
 """
 
 from __future__ import annotations
@@ -9,301 +11,113 @@ from __future__ import annotations
 import dataclasses
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
 from qloader.checkpoint import integrity
 from qloader.checkpoint import writer as checkpoint_writer
-from qloader.checkpoint.reader import Checkpoint, default_hash_cache, inspect_checkpoint
+from qloader.checkpoint.reader import default_hash_cache, inspect_checkpoint
 from qloader.checkpoint.sources import checkpoint_folder, hub_origin
-from qloader.core.errors import (
-    CheckpointError,
-    CheckpointMismatchError,
-    ConfigError,
-    DeviceMapError,
-    EnvironmentMismatchError,
-    LoadError,
-    NonFiniteWeightError,
-)
-from qloader.core.names import STAGE_NAMES
-from qloader.loading import devices
-from qloader.quant import merge as quant
-from qloader.quant.registry import method_for_target, method_of
-
-if TYPE_CHECKING:
-    from qloader.measure.inventory import Inventory
-    from qloader.measure.plan import Plan
-
-DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-DTYPES = ("bfloat16", "float16", "float32", "float64", "auto")
-MODES = ("load", "plan")
-
+from qloader.core.errors import CheckpointError, CheckpointMismatchError, DeviceMapError, LoadError
+from qloader.core.names import STAGE_NAMES, dtype_name
+from qloader.loading import checks, devices
+from qloader.loading.context import LoadContext
+from qloader.quant import lifecycle
+from qloader.quant.merge import check_backend, missing_quant_state
 
 log = logging.getLogger("qloader")
 
-
-@dataclass(frozen=True)
-class LoadContext:
-    cfg: DictConfig
-    overrides: tuple[str, ...] = ()
-    # resolve
-    checkpoint: Checkpoint | None = None
-    hf_config: Any = None
-    model_choice: Any = None
-    """hf_loading.ModelChoice: the class model.task picks, and why."""
-    quantization_config: Any = None
-    pre_quantized: bool = False
-    merge: list = field(default_factory=list)
-    quant_choice: dict | None = None
-    dtype: Any = None
-    # instantiate
-    quantizer: Any = None
-    # validate
-    environment: dict = field(default_factory=dict)
-    # device_map
-    device_map_request: Any = None
-    device_map: dict | None = None
-    offload_folder: Path | None = None
-    source: Any = None
-    """hf_loading.SourceFacts: the skeleton before the quantizer's swaps (checkpoint-side shapes, logical size)."""
-    # preprocess
-    model: Any = None
-    load_config: Any = None
-    plan: Plan | None = None
-    # load
-    kernel: Any = None
-    loading_info: Any = None
-    offload_index: dict | None = None
-    # postprocess
-    finite_check: str | None = None
-    inventory: Inventory | None = None
-    # save (only when save.enabled)
-    saved: Checkpoint | None = None
-    # probe (only when probe.enabled)
-    probe: dict | None = None
-
-    def next(self, **changes: Any) -> LoadContext:
-        return dataclasses.replace(self, **changes)
-
-
-def _check_fields(cfg: DictConfig) -> None:
-    """Every config problem at once, before any file is read."""
-    from qloader.config.schema import check_choices, missing_values, unknown_keys
-
-    problems = unknown_keys(cfg) + missing_values(cfg) + check_choices(cfg)
-    problems += quant.check_quant_fields(cfg.quant) + devices.check_device_fields(cfg.device_map)
-    problems += checkpoint_writer.check_save_fields(cfg.save)
-    method = method_for_target(cfg.quant.get("_target_"))
-    if cfg.save.enabled and method is not None and (why := method.check_save(cfg.quant)):
-        problems.append(f"save.enabled=true: {why}; load without saving (save.enabled=false) or choose another quant")
-    name = DTYPE_NAMES.get(str(cfg.dtype.name), str(cfg.dtype.name))
-    if name not in DTYPES:
-        problems.append(f"dtype.name '{cfg.dtype.name}' is not a dtype qloader loads (one of {', '.join(DTYPES)})")
-    if cfg.mode not in MODES:
-        problems.append(f"mode '{cfg.mode}' is not one of {', '.join(MODES)}")
-    if problems:
-        raise ConfigError(problems)
-    if cfg.save.enabled and cfg.mode != "plan":
-        checkpoint_writer.check_save_target(cfg.save)
+__all__ = ["STAGE_NAMES", "LoadContext", "stages_for"]
 
 
 def resolve(ctx: LoadContext) -> LoadContext:
-    """Composed config -> checkpoint folder, transformers config, quantization config (merged if pre-quantized)."""
-    from transformers import AutoConfig
-
+    """Composed config -> checkpoint folder, transformers config, model class, quantization (merged if
+    pre-quantized), dtype."""
     from qloader.loading import hf_loading
 
-    _check_fields(ctx.cfg)
-    quant.check_backend(ctx.cfg.quant)
-    model = ctx.cfg.model
-    checkpoint = inspect_checkpoint(
-        checkpoint_folder(model),
-        hashes=default_hash_cache(trust=not model.get("verify_hashes", False)),
-        hash_files=ctx.cfg.mode != "plan",
-        allow_pickle=model.allow_pickle,
-    )
-    if (hub := hub_origin(model, checkpoint.path)) is not None:
-        checkpoint = dataclasses.replace(checkpoint, hub=hub)
-    integrity.check_remote_code(checkpoint.path / "config.json", trusted=model.trust_remote_code)
-    try:
-        hf_config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=model.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{checkpoint.path / 'config.json'}: {e}") from e
-    choice = hf_loading.model_class(hf_config, model.task, model.trust_remote_code)
+    checks.check_config(ctx.cfg)
+    check_backend(ctx.cfg.quant)
+    checkpoint = _inspect(ctx.cfg.model, hash_files=ctx.cfg.mode != "plan")
+    hf_config = hf_loading.read_config(checkpoint.path, ctx.cfg.model.trust_remote_code)
+    choice = hf_loading.model_class(hf_config, ctx.cfg.model.task, ctx.cfg.model.trust_remote_code)
     if choice.disagreement:
         log.warning("%s", choice.disagreement)
     if ctx.cfg.probe.enabled:
         from qloader.probe.fidelity import check_probe_task
 
         check_probe_task(choice)
-    user_qconfig = quant.build_quantization_config(ctx.cfg.quant, devices.weights_device(ctx.cfg.device_map))
-    qconfig, merge = user_qconfig, []
-    saved = getattr(hf_config, "quantization_config", None)
-    if saved is not None:  # pre-quantized: the checkpoint's config, merged with the user's if one was asked for
-        saved = saved if isinstance(saved, dict) else saved.to_dict()
-        config_json = checkpoint.path / "config.json"
-        quant.check_saved_config(saved, config_json)
-        asked = not ctx.cfg.quant.get("auto", False)  # quant=auto: the checkpoint's own config, as saved
-        qconfig, merge = quant.merge_with_checkpoint(saved, user_qconfig if asked else None, asked, config_json)
-        hf_config.quantization_config = qconfig
-        for row in merge:
-            log.warning(
-                "quant.%s: checkpoint %r, requested %r -> using %r", row.field, row.checkpoint, row.user, row.used
-            )
-    name = DTYPE_NAMES.get(str(ctx.cfg.dtype.name), str(ctx.cfg.dtype.name))
-    dtype = hf_loading.resolve_dtype(name, checkpoint, hf_config)
-    quant_choice = None if qconfig is None else method_of(qconfig).choice(qconfig)
-    if saved is None and qconfig is not None and method_of(qconfig).calibrates:  # on the fly: its calibration data
-        device = devices.weights_device(ctx.cfg.device_map)
-        calibration = method_of(qconfig).calibration(qconfig, ctx.cfg.quant, checkpoint.path, dtype, device)
-        quant_choice = {**(quant_choice or {}), **(calibration or {})} or None
+    device = devices.weights_device(ctx.cfg.device_map)
+    quantization = lifecycle.resolve_quantization(ctx.cfg.quant, device, hf_config, checkpoint.path / "config.json")
+    dtype = hf_loading.resolve_dtype(dtype_name(ctx.cfg.dtype.name), checkpoint, hf_config)
+    quantization = lifecycle.add_calibration(quantization, ctx.cfg.quant, checkpoint.path, dtype, device)
     return ctx.next(
-        checkpoint=checkpoint,
-        hf_config=hf_config,
-        model_choice=choice,
-        quantization_config=qconfig,
-        pre_quantized=saved is not None,
-        merge=merge,
-        quant_choice=quant_choice,
-        dtype=dtype,
+        checkpoint=checkpoint, hf_config=hf_config, model_choice=choice, quantization=quantization, dtype=dtype
     )
+
+
+def _inspect(model: DictConfig, hash_files: bool):
+    """The checkpoint the `model` source gives, its headers and hashes read; custom code refused unless trusted."""
+    checkpoint = inspect_checkpoint(
+        checkpoint_folder(model),
+        hashes=default_hash_cache(trust=not model.get("verify_hashes", False)),
+        hash_files=hash_files,
+        allow_pickle=model.allow_pickle,
+    )
+    if (hub := hub_origin(model, checkpoint.path)) is not None:
+        checkpoint = dataclasses.replace(checkpoint, hub=hub)
+    integrity.check_remote_code(checkpoint.path / "config.json", trusted=model.trust_remote_code)
+    return checkpoint
 
 
 def instantiate_quantizer(ctx: LoadContext) -> LoadContext:
     """Merged quantization config -> transformers' quantizer object (None when unquantized)."""
-    if ctx.quantization_config is None:
-        return ctx
-    from transformers.quantizers.auto import AutoHfQuantizer
-
-    method_of(ctx.quantization_config).prepare_backend()
-    try:
-        quantizer = AutoHfQuantizer.from_config(ctx.quantization_config, pre_quantized=ctx.pre_quantized)
-        dtype = quantizer.update_dtype(ctx.dtype)  # a method may refuse the dtype (higgs and fp32)
-    except ValueError as e:
-        raise ConfigError([f"quantization config: {e}"]) from e
-    return ctx.next(quantizer=quantizer, dtype=dtype, hf_config=quantizer.update_attn_implementation(ctx.hf_config))
+    quantizer, dtype, hf_config = lifecycle.instantiate_quantizer(ctx.quantization, ctx.dtype, ctx.hf_config)
+    return ctx.next(quantizer=quantizer, dtype=dtype, hf_config=hf_config)
 
 
 def validate(ctx: LoadContext) -> LoadContext:
-    """Devices, library versions and memory, checked before any shard is read."""
-    import torch
-
+    """Devices, library versions, pinned hashes and memory, checked before any shard is read."""
     from qloader.measure import environment
 
+    cuda_devices = checks.check_cuda_request(ctx.cfg.device_map)
     request = devices.device_map_request(ctx.cfg.device_map)
-    max_memory = devices.max_memory_request(ctx.cfg.device_map)
-    asked = devices.cuda_devices_asked(request, max_memory)
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if asked and not available:
-        raise EnvironmentMismatchError(
-            f"device_map '{ctx.cfg.device_map.strategy}' asks for CUDA, but this host has no CUDA device "
-            f"(torch {torch.__version__}); use device_map=cpu or device_map=auto"
-        )
-    if asked and max(asked) >= available:
-        raise EnvironmentMismatchError(
-            f"device_map asks for cuda:{max(asked)}, but this host has {available} CUDA device(s)"
-        )
-    method = method_of(ctx.quantization_config)
-    if method is not None and (why := method.check_environment(ctx.quantization_config, available)):
-        raise EnvironmentMismatchError(f"quant {method.quant_method}: {why}")
-    environment.check_versions(None if method is None else method.versions)
-    if ctx.quantizer is not None:
-        try:
-            ctx.quantizer.validate_environment(device_map=request, weights_only=True)
-        except (ImportError, ValueError, RuntimeError, NotImplementedError) as e:  # ModuleNotFoundError too
-            raise EnvironmentMismatchError(
-                f"quant {method.quant_method} ({type(ctx.quantizer).__name__}) cannot run here: "
-                f"{type(e).__name__}: {str(e).strip()}; use {method.instead}"
-            ) from e
-    _check_pinned_hashes(ctx.cfg.model.get("expected_sha256") or {}, ctx.checkpoint)
-    memory = environment.check_memory(ctx.checkpoint)
-    return ctx.next(environment=memory)
-
-
-def _check_pinned_hashes(expected: dict, checkpoint: Checkpoint) -> None:
-    found = {f.name: f.sha256 for f in checkpoint.files}
-    problems = [
-        f"{checkpoint.path / name}: sha256 {found.get(name, 'missing file')}, expected {digest}"
-        for name, digest in expected.items()
-        if found.get(name) != digest
-    ]
-    if problems:
-        raise CheckpointError(f"model.expected_sha256 does not match: {'; '.join(problems)}")
+    lifecycle.check_host(ctx.quantization, cuda_devices)
+    environment.check_versions(None if ctx.method is None else ctx.method.versions)
+    lifecycle.validate_quantizer(ctx.quantization, ctx.quantizer, request)
+    checks.check_pinned_hashes(ctx.cfg.model.get("expected_sha256") or {}, ctx.checkpoint)
+    return ctx.next(environment=environment.check_memory(ctx.checkpoint))
 
 
 def device_map(ctx: LoadContext) -> LoadContext:
     """The final module -> device map: the quantizer's update, then accelerate's inference if asked."""
     from qloader.loading import hf_loading
+    from qloader.measure.plan import estimate
 
     request = hf_loading.normalize_device_map(devices.device_map_request(ctx.cfg.device_map))
-    if ctx.quantizer is not None:
-        request = ctx.quantizer.update_device_map(request)
+    request = lifecycle.update_device_map(ctx.quantizer, request)
     offload_folder = devices.offload_folder(ctx.cfg.device_map, ctx.checkpoint.path)
     if isinstance(request, dict):
-        _check_disk(request, offload_folder, f"device_map.modules {request}")
+        devices.check_disk(request, offload_folder, f"device_map.modules {request}")
         return ctx.next(device_map_request=request, device_map=request, offload_folder=offload_folder)
     # Sizing needs the quantized skeleton (4-bit modules weigh half a byte per weight): build it on
     # the meta device here; `preprocess` goes on with it.
-    model_cls = ctx.model_choice.cls
     sizing, source = hf_loading.build_skeleton(
-        model_cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.checkpoint
+        ctx.model_choice.cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.checkpoint
     )
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
     final = hf_loading.infer_device_map(sizing, request, max_memory, ctx.quantizer)
-    if (on_disk := _on_disk(final)) and offload_folder is None:
-        raise DeviceMapError(_does_not_fit(ctx, sizing, request, max_memory, on_disk))
-    if ctx.quantizer is not None:
-        try:
-            ctx.quantizer.validate_environment(device_map=final)
-        except ValueError as e:
-            raise DeviceMapError(f"device_map '{request}' -> {final}: {e}") from e
+    if (on_disk := devices.on_disk(final)) and offload_folder is None:
+        need = estimate(sizing, {"": "cpu"}, 0, None, ctx.method, ctx.quantizer).footprint_bytes
+        raise DeviceMapError(devices.does_not_fit(need, request, max_memory, on_disk))
+    lifecycle.validate_device_map(ctx.quantizer, request, final)
     return ctx.next(
         device_map_request=request, device_map=final, offload_folder=offload_folder, model=sizing, source=source
     )
 
 
-def _on_disk(device_map: dict) -> list[str]:
-    return sorted(module for module, device in device_map.items() if device == "disk")
-
-
-def _check_disk(device_map: dict, offload_folder: Path | None, what: str) -> None:
-    if (on_disk := _on_disk(device_map)) and offload_folder is None:
-        raise DeviceMapError(
-            f"{what} places {integrity.listing(on_disk)} on disk; set device_map.offload_folder to allow it"
-        )
-
-
-def _does_not_fit(ctx: LoadContext, sizing, request: str, max_memory: dict | None, unplaced: list[str]) -> str:
-    from qloader.core.units import mib
-    from qloader.loading import hf_loading
-    from qloader.measure.plan import budgets_in_bytes, estimate
-
-    method = method_of(ctx.quantization_config)
-    need = estimate(sizing, {"": "cpu"}, 0, None, method, ctx.quantizer).footprint_bytes
-    if max_memory:
-        have = sum(budgets_in_bytes(max_memory).values())
-        budget = f"with max_memory {max_memory}: the model does not fit; it needs about {mib(need)} and the budget"
-    else:  # accelerate measured the devices: say what it found, not 'a budget of 0'
-        found = hf_loading.available_memory()
-        have = sum(found.values())
-        where = ", ".join(f"{device} {mib(size)}" for device, size in found.items())
-        budget = (
-            f"with no max_memory set: the model does not fit the memory available ({where}); it needs about "
-            f"{mib(need)} and the available memory"
-        )
-    return (
-        f"device_map '{request}' {budget} allows {mib(have)} (short by {mib(max(need - have, 0))}). "
-        f"{len(unplaced)} module(s) could not be placed: {', '.join(m or '(the whole model)' for m in unplaced[:8])}. "
-        "Raise max_memory; qloader offloads to disk only when device_map.offload_folder is set"
-    )
-
-
 def preprocess(ctx: LoadContext) -> LoadContext:
-    """The model skeleton on the meta device, with Linear -> Linear4bit / Linear8bitLt swapped in,
-    and the plan: the bytes it will take per device."""
+    """The model skeleton on the meta device, with the method's module swaps, checked against the checkpoint's
+    headers; the plan (the bytes per device); a warning for quantized modules this host cannot run."""
     from qloader.loading import hf_loading
     from qloader.measure.plan import estimate
 
@@ -315,27 +129,37 @@ def preprocess(ctx: LoadContext) -> LoadContext:
     load_config = hf_loading.load_state_config(
         model, ctx.checkpoint, ctx.device_map, ctx.dtype, ctx.quantizer, ctx.offload_folder
     )
-    method = method_of(ctx.quantization_config)
-    created = set() if method is None or ctx.pre_quantized else method.created_keys(model)
+    created = set() if ctx.method is None or ctx.pre_quantized else ctx.method.created_keys(model)
+    checkpoint = ctx.checkpoint
     try:
         integrity.check_tensors_fit_model(
-            model,
-            ctx.checkpoint.shapes,
-            load_config.weight_mapping,
-            ctx.quantizer,
-            ctx.checkpoint.path,
-            created,
-            source.shapes,
+            model, checkpoint.shapes, load_config.weight_mapping, ctx.quantizer, checkpoint.path, created, source.shapes
         )
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(_with_task_hint(str(e), ctx)) from e
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
     plan = estimate(
-        model, ctx.device_map, ctx.checkpoint.largest_shard_bytes, max_memory, method, ctx.quantizer, source
+        model, ctx.device_map, checkpoint.largest_shard_bytes, max_memory, ctx.method, ctx.quantizer, source
     )
     if ctx.cfg.save.enabled and ctx.cfg.mode != "plan":
         checkpoint_writer.check_save_space(ctx.cfg.save, plan.footprint_bytes)
-    return ctx.next(model=model, source=source, load_config=load_config, plan=plan)
+    warnings = ctx.warnings + _forward_limit(ctx, model)
+    return ctx.next(model=model, source=source, load_config=load_config, plan=plan, warnings=warnings)
+
+
+def _forward_limit(ctx: LoadContext, model) -> tuple[str, ...]:
+    """Quantized modules that will load but whose forward pass this host cannot run: a warning, or, when the
+    probe is to run one, a ProbeError now, before any shard is read."""
+    limit = None if ctx.method is None else ctx.method.forward_limit(ctx.quantizer, model, ctx.device_map)
+    if limit is None:
+        return ()
+    line = f"quant {ctx.method.quant_method}: {limit.message()}"
+    if ctx.cfg.probe.enabled and ctx.cfg.mode != "plan":
+        from qloader.probe.fidelity import refuse_forward_limit
+
+        refuse_forward_limit(line)
+    log.warning("%s", line)
+    return (line,)
 
 
 def _with_task_hint(message: str, ctx: LoadContext) -> str:
@@ -348,35 +172,22 @@ def _with_task_hint(message: str, ctx: LoadContext) -> str:
 
 def load(ctx: LoadContext) -> LoadContext:
     """Stream the shards, quantizing each weight as it is read, and place it on its device."""
-    from tqdm.auto import tqdm
-
     from qloader.loading import hf_loading
 
-    method = method_of(ctx.quantization_config)
-    if ctx.pre_quantized:
-        missing = quant.missing_quant_state(ctx.model, ctx.checkpoint.tensors, ctx.quantizer)
-        if missing:
-            raise CheckpointError(f"pre-quantized checkpoint is incomplete: {'; '.join(missing)}")
+    if ctx.pre_quantized and (missing := missing_quant_state(ctx.model, ctx.checkpoint.tensors, ctx.quantizer)):
+        raise CheckpointError(f"pre-quantized checkpoint is incomplete: {'; '.join(missing)}")
     placed = (None, None) if ctx.pre_quantized else (ctx.model, ctx.device_map)  # what the kernel will quantize
-    shards = ctx.checkpoint.shards
-    total = len(ctx.checkpoint.tensors)  # the bar counts checkpoint tensors, as `on_batch` does
-    with tqdm(total=total, desc=f"load 0/{len(shards)} shards", unit="tensor", leave=False) as bar:
-
-        def on_batch(index: int, tensors: int) -> None:
-            bar.set_description(f"load {index + 1}/{len(shards)} shards")
-            bar.update(tensors)
-
-        try:
-            kernels = nullcontext(None) if method is None else method.loading_kernel(ctx.cfg.quant, *placed)
-            with kernels as kernel:
-                info, offload_index = hf_loading.load_shards(ctx.model, ctx.checkpoint, ctx.load_config, on_batch)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise LoadError(f"{ctx.checkpoint.path}: {type(e).__name__}: {e}") from e
+    kernels = nullcontext(None) if ctx.method is None else ctx.method.loading_kernel(ctx.cfg.quant, *placed)
+    try:
+        with kernels as kernel, hf_loading.shard_progress(ctx.checkpoint) as on_batch:
+            info, offload_index = hf_loading.load_shards(ctx.model, ctx.checkpoint, ctx.load_config, on_batch)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise LoadError(f"{ctx.checkpoint.path}: {type(e).__name__}: {e}") from e
     return ctx.next(kernel=kernel, loading_info=info, offload_index=offload_index)
 
 
 def postprocess(ctx: LoadContext) -> LoadContext:
-    """Finish the model as from_pretrained does (tie weights, eval, dispatch) and take its inventory."""
+    """Finish the model as from_pretrained does (tie weights, eval, dispatch), check it, take its inventory."""
     from qloader.loading import hf_loading
     from qloader.measure.inventory import take_inventory
 
@@ -393,25 +204,14 @@ def postprocess(ctx: LoadContext) -> LoadContext:
         )
         raise CheckpointMismatchError(_with_task_hint(message, ctx))
     offloaded = hf_loading.offloaded_weights(ctx.load_config, ctx.offload_index)
-    method = method_of(ctx.quantization_config)
-    finite_check = _check_finite(ctx.model, ctx.cfg.validate, ctx.checkpoint, offloaded, method)
+    storage = None if ctx.method is None else ctx.method.storage_tensors
+    finite_check = integrity.check_finite(
+        ctx.model, ctx.cfg.validate, ctx.checkpoint.path, ctx.checkpoint.parameters, offloaded, storage
+    )
     inventory = take_inventory(
-        ctx.model, info, offloaded, ctx.cfg.validate.fingerprint, method, ctx.source.parameters, ctx.quantizer
+        ctx.model, info, offloaded, ctx.cfg.validate.fingerprint, ctx.method, ctx.source.parameters, ctx.quantizer
     )
     return ctx.next(finite_check=finite_check, inventory=inventory)
-
-
-def _check_finite(model, validate_cfg: DictConfig, checkpoint: Checkpoint, offloaded, method) -> str:
-    """`validate.finite`: fail on any NaN or Inf weight; 'auto' checks models up to finite_max_parameters."""
-    size = checkpoint.parameters
-    if validate_cfg.finite is False or (validate_cfg.finite == "auto" and size > validate_cfg.finite_max_parameters):
-        return "skipped"
-    if bad := integrity.nonfinite_weights(model, offloaded, None if method is None else method.storage_tensors):
-        raise NonFiniteWeightError(
-            f"{checkpoint.path}: {len(bad)} weight(s) hold NaN or Inf after loading: {integrity.listing(bad)}. "
-            "Set validate.finite=false to load it anyway"
-        )
-    return "passed"
 
 
 def save(ctx: LoadContext) -> LoadContext:
@@ -429,15 +229,15 @@ def probe(ctx: LoadContext) -> LoadContext:
     result = run_probe(ctx.model, ctx.checkpoint, ctx.dtype, ctx.pre_quantized, ctx.cfg.probe, ctx.model_choice)
     # The probe's forward pass may change what the weights occupy (compressed-tensors decompresses the
     # whole model on its first forward): record the storage really held after it.
-    method = method_of(ctx.quantization_config)
-    after = footprint_bytes(ctx.model, method)
+    after = footprint_bytes(ctx.model, ctx.method)
     result["footprint_after_bytes"] = after
     if ctx.inventory is not None and after != ctx.inventory.footprint_bytes:
+        note = None if ctx.method is None else ctx.method.save_note(ctx.model)
         log.warning(
             "probe: the forward pass changed the weights' storage from %s to %s%s",
             mib(ctx.inventory.footprint_bytes),
             mib(after),
-            f" ({note})" if method is not None and (note := method.save_note(ctx.model)) else "",
+            f" ({note})" if note else "",
         )
     return ctx.next(probe=result)
 

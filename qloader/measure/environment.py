@@ -10,10 +10,11 @@ from pathlib import Path
 
 from qloader.checkpoint.reader import Checkpoint
 from qloader.core.errors import EnvironmentMismatchError
+from qloader.quant.base import extra_pins
 
 CORE_PACKAGES = ("torch", "transformers", "accelerate", "hydra-core", "omegaconf", "safetensors", "qloader")
-# Oldest releases the staged pipeline is known to load correctly with (bnb quantizes on CPU from 0.50).
-MINIMUM_VERSIONS = {"torch": ">=2.6", "transformers": ">=5.23", "accelerate": ">=1.10"}
+PINNED_CORE = ("torch", "transformers", "accelerate")
+"""Core libraries whose tested ranges `validate` checks: the staged pipeline calls their loading internals."""
 
 
 def packages() -> tuple[str, ...]:
@@ -38,7 +39,7 @@ def check_versions(method_versions: dict[str, str] | None = None) -> None:
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 
-    for name, wanted in {**MINIMUM_VERSIONS, **(method_versions or {})}.items():
+    for name, wanted in {**extra_pins(None, PINNED_CORE), **(method_versions or {})}.items():
         try:
             have = metadata.version(name)
         except metadata.PackageNotFoundError as e:

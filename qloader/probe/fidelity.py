@@ -26,10 +26,11 @@ from importlib.resources import files
 import torch
 
 from qloader.checkpoint.reader import Checkpoint
+from qloader.checkpoint.sources import has_tokenizer
 from qloader.core.errors import ProbeError
+from qloader.core.names import TOKENIZER_FILES
 
 TEXT_PATH = files("qloader.probe") / "probe_text.txt"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 PROBED_TASKS = {
     "causal-lm": "next-token predictions",
     "seq2seq-lm": "the decoder's token predictions, the text as both source and target",
@@ -49,12 +50,17 @@ def check_probe_task(choice) -> None:
         )
 
 
+def refuse_forward_limit(limit: str) -> None:
+    """Before any shard is read: the probe runs the model, which this host cannot (the method's `forward_limit`)."""
+    raise ProbeError(f"probe=quick cannot run the model on this host: {limit}; or load it without it (probe=off)")
+
+
 def _tokenizer(checkpoint: Checkpoint):
     from transformers import AutoTokenizer
 
-    if not any((checkpoint.path / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(checkpoint.path):
         raise ProbeError(
-            f"probe: checkpoint '{checkpoint.path}' has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+            f"probe: checkpoint '{checkpoint.path}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
             "the probe needs one to read its text (turn it off with probe=off)"
         )
     return AutoTokenizer.from_pretrained(checkpoint.path)

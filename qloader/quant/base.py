@@ -1,18 +1,21 @@
 """What qloader needs to know about a quantization method: one small protocol, with defaults.
 
-A method plug-in subclasses `QuantMethod`, overrides what differs, and is listed in
-`qloader.quant.registry`. Nothing outside `qloader/quant/` names a method. Module level stays
-light (no torch, no transformers): the schemas here are read when the config is composed.
+A method plug-in subclasses `QuantMethod`, overrides what differs, and registers itself with
+`@register_method`: importing its module is what makes the method known (`qloader.quant.registry` reads
+what registered). Nothing outside `qloader/quant/` names a method. Module level stays light (no torch, no
+transformers): the schemas here are read when the config is composed.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -51,6 +54,38 @@ class WeightBytes:
     state: int
 
 
+LISTED_MODULES = 8
+"""A forward limit's message names this many modules per reason, then counts the rest (its fix names them all)."""
+
+
+@dataclass(frozen=True)
+class ForwardLimit:
+    """Quantized modules that load on this host but whose forward pass its kernels cannot run, and the way out."""
+
+    modules: dict[str, str]
+    """Module name -> what about it the kernel cannot take (`out_features 3 is not a multiple of 32`)."""
+    why: str
+    """What on this host stops them: the kernel and its rule."""
+    fix: str
+    """What to change so that the model runs here, as overrides."""
+
+    def message(self) -> str:
+        """One line: the modules, grouped by what about them the kernel cannot take, why, the fix."""
+        groups: dict[str, list[str]] = {}
+        for name in sorted(self.modules):
+            groups.setdefault(self.modules[name], []).append(name)
+        listed = "; ".join(f"{_listing(names)} ({what})" for what, names in groups.items())
+        return (
+            f"{len(self.modules)} quantized module(s) load but cannot run a forward pass on this host: {listed}; "
+            f"{self.why}; {self.fix}"
+        )
+
+
+def _listing(names: list[str]) -> str:
+    more = f" and {len(names) - LISTED_MODULES} more" if len(names) > LISTED_MODULES else ""
+    return ", ".join(names[:LISTED_MODULES]) + more
+
+
 class QuantMethod:
     """One quantization method family, keyed by transformers' `quant_method` value.
 
@@ -68,8 +103,6 @@ class QuantMethod:
     """`quant` fields that are qloader settings, never passed to the config class."""
     packages: ClassVar[tuple[str, ...]] = ()
     """Distributions whose versions the manifest records and replay compares."""
-    versions: ClassVar[dict[str, str]] = {}
-    """Tested version ranges, checked in `validate` (`{"torchao": ">=0.18,<0.19"}`)."""
     module: ClassVar[str | None] = None
     """The module that must import for the method to run (None: nothing beyond transformers)."""
     extra: ClassVar[str | None] = None
@@ -83,6 +116,15 @@ class QuantMethod:
     can_save: ClassVar[bool] = True
     calibrates: ClassVar[bool] = False
     """Quantizes in `postprocess` from calibration data (GPTQ) rather than weight by weight while loading."""
+    pre_quantized_only: ClassVar[bool] = False
+    """transformers cannot quantize with it while loading (AWQ, compressed-tensors): a request only merges with
+    a pre-quantized checkpoint's own config, so a method sweep over unquantized checkpoints leaves it out."""
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """Tested version ranges of `packages`, checked in `validate` (`{"torchao": "<0.19,>=0.18"}`): the pins
+        of the method's `extra` in pyproject.toml, read from the installed qloader's metadata, so they live once."""
+        return dict(extra_pins(self.extra, self.packages))
 
     # ---------------------------------------------------------------- config
 
@@ -164,6 +206,12 @@ class QuantMethod:
         None: it stays as it is. `quantizer` is transformers' (its config: `quantizer.quantization_config`)."""
         return None
 
+    def forward_limit(self, quantizer: Any, model: Any, device_map: dict) -> ForwardLimit | None:
+        """The quantized modules of `model` (the skeleton after the quantizer's swaps, or the loaded model) that
+        load where `device_map` places them but whose forward pass this host's kernels cannot run; None: the
+        model runs here. Loading is not affected: `preprocess` warns, and the probe refuses before loading."""
+        return None
+
     # ---------------------------------------------------------------- the loaded model
 
     def storage_tensors(self, tensor: Any) -> Iterator[Any]:
@@ -191,6 +239,74 @@ class QuantMethod:
     def save_note(self, model: Any) -> str | None:
         """What `save_pretrained` writes for this loaded model, when that needs saying (logged by `save`)."""
         return None
+
+
+# ---------------------------------------------------------------- registration
+
+_registered: dict[str, QuantMethod] = {}
+REGISTERED: Mapping[str, QuantMethod] = MappingProxyType(_registered)
+"""Every registered plug-in by its `quant_method`, read-only and live: a plug-in imported later appears here."""
+
+Method = TypeVar("Method", bound=type)
+REQUIRED_ATTRIBUTES = {
+    "quant_method": "transformers' quant_method value, e.g. quant_method = 'bitsandbytes'",
+    "config_class": "the transformers config class name, e.g. config_class = 'BitsAndBytesConfig'",
+}
+"""Class attributes a plug-in must set, with an example of each for the refusal."""
+
+
+def register_method(cls: Method) -> Method:
+    """Class decorator: instantiate the plug-in and key it by `quant_method`, as transformers' `register_quantizer`
+    keys quantizers, so that a method is known by importing its module (no list to keep in step)."""
+    if problem := registration_problem(cls):
+        raise TypeError(problem)
+    taken = _registered.get(cls.quant_method)
+    if taken is not None:
+        raise ValueError(
+            f"register_method: quant_method '{cls.quant_method}' of {qualified_name(cls)} is already registered by "
+            f"{qualified_name(type(taken))}; one quant_method has one plug-in: give {cls.__name__} the quant_method "
+            "of its own config class"
+        )
+    _registered[cls.quant_method] = cls()
+    return cls
+
+
+def registration_problem(cls: Any) -> str | None:
+    """Why `cls` cannot be registered as a method plug-in (None: it can)."""
+    name = qualified_name(cls) if isinstance(cls, type) else repr(cls)
+    if not isinstance(cls, type) or not issubclass(cls, QuantMethod):
+        return f"register_method: {name} is not a QuantMethod subclass; subclass qloader.quant.base.QuantMethod"
+    for attribute, example in REQUIRED_ATTRIBUTES.items():
+        if not isinstance(getattr(cls, attribute, None), str) or not getattr(cls, attribute):
+            return f"register_method: {name} has no `{attribute}`; set it as a class attribute ({example})"
+    return None
+
+
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@functools.cache
+def extra_pins(extra: str | None, packages: tuple[str, ...]) -> dict[str, str]:
+    """`packages`' version ranges from the installed qloader's requirements: those of `extra`, and the core
+    dependencies (which every extra installs too). Empty when qloader runs from a checkout it was not installed
+    from: nothing then says which versions it was tested with."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        requirements = [Requirement(line) for line in metadata.requires("qloader") or ()]
+    except metadata.PackageNotFoundError:
+        return {}
+    wanted = {canonicalize_name(name) for name in packages}
+    return {
+        req.name: str(req.specifier)
+        for req in requirements
+        if canonicalize_name(req.name) in wanted
+        and (req.marker is None or req.marker.evaluate({"extra": extra or ""}))
+    }
 
 
 # ---------------------------------------------------------------- tensor helpers every method shares

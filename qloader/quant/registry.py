@@ -1,21 +1,21 @@
-"""The method plug-ins, keyed by transformers' `quant_method`; the one place that lists them."""
+"""The registered method plug-ins, keyed by transformers' `quant_method`, and what enumerates them.
+
+Nothing is listed here: each plug-in registers itself (`qloader.quant.base.register_method`) when its module
+is imported. Importing `qloader.quant.methods` imports every built-in; a user's plug-in registers when the
+module its `_target_` names is imported (`method_for_target` does that).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 from typing import Any
 
-from qloader.quant.base import NoQuantConfig, QuantMethod
-from qloader.quant.methods.awq import Awq
-from qloader.quant.methods.bnb import Bitsandbytes
-from qloader.quant.methods.compressed_tensors import CompressedTensors
-from qloader.quant.methods.gptq import Gptq
-from qloader.quant.methods.gpu import GPU_METHODS
-from qloader.quant.methods.quanto import Quanto
-from qloader.quant.methods.torchao import Torchao
+import qloader.quant.methods  # noqa: F401  (importing the package registers every built-in method)
+from qloader.quant.base import REGISTERED, NoQuantConfig, QuantMethod
 
-METHODS: dict[str, QuantMethod] = {
-    m.quant_method: m for m in (Bitsandbytes(), Torchao(), Quanto(), CompressedTensors(), Gptq(), Awq(), *GPU_METHODS)
-}
+METHODS = REGISTERED
+"""quant_method -> its plug-in: a live, read-only view of every registered method."""
 
 
 class OtherMethod(QuantMethod):
@@ -29,12 +29,25 @@ def _plain(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
+def registered_for_class(name: str) -> QuantMethod | None:
+    return next((m for m in METHODS.values() if m.config_class == name), None)
+
+
 def method_for_target(target: str | None) -> QuantMethod | None:
-    """The plug-in whose config class the YAML's `_target_` names; None for quant=none."""
+    """The plug-in whose config class the YAML's `_target_` names; None for quant=none.
+
+    A class no registered plug-in describes has its module imported (that is how a user's plug-in, defined
+    beside its config class, registers itself) and is looked up again; then it falls back to `OtherMethod`.
+    A module that cannot be found is left to Hydra's instantiation, which names it.
+    """
     if target is None:
         return None
-    name = target.rsplit(".", 1)[-1]
-    return next((m for m in METHODS.values() if m.config_class == name), OtherMethod(config_class=name))
+    module, _, name = target.rpartition(".")
+    if (method := registered_for_class(name)) is None and module:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+        method = registered_for_class(name)
+    return method or OtherMethod(config_class=name)
 
 
 def method_of(config: Any) -> QuantMethod | None:
@@ -46,11 +59,21 @@ def method_of(config: Any) -> QuantMethod | None:
 
 
 def schemas() -> dict[str, type]:
-    """Every `quant` schema: `none` and each plug-in's, by the name the YAML files refer to."""
+    """Every `quant` schema: `none` and each registered plug-in's, by the name the YAML files refer to."""
     found: dict[str, type] = {"none": NoQuantConfig}
     for method in METHODS.values():
         found.update(method.schemas)
     return found
+
+
+def method_for_schema(name: str) -> QuantMethod | None:
+    """The plug-in that declares the schema `name` (None for `none`); KeyError when none does."""
+    if name == "none":
+        return None
+    owners = [m for m in METHODS.values() if name in m.schemas]
+    if not owners:
+        raise KeyError(name)
+    return owners[0]
 
 
 def settings() -> set[str]:

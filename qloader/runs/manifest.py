@@ -21,11 +21,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from qloader.core.errors import OutputError, RunDirInUseError
 from qloader.core.files import write_json_atomic
+from qloader.core.names import TASK_AUTO_CLASSES
 from qloader.measure import environment
 from qloader.measure.memory import StageStats, memory_method
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = files("qloader.runs") / "manifest.schema.json"
+
+
+def manifest_schema() -> dict:
+    """The manifest's JSON Schema, with the task names filled in from `qloader.core.names` (their one home)."""
+    schema = json.loads(SCHEMA_PATH.read_text())
+    schema["$defs"]["task"]["enum"] = [*TASK_AUTO_CLASSES, None]
+    return schema
 
 
 def _now() -> str:
@@ -43,13 +51,18 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def run_dir_stamp(root: Path) -> Path:
+    """`root/DATE/HH-MM-SS-PID`: the name every run dir qloader picks itself has (Hydra's too, conf/config.yaml)."""
+    now = datetime.now()
+    return Path(root) / now.strftime("%Y-%m-%d") / f"{now.strftime('%H-%M-%S')}-{os.getpid()}"
+
+
 def new_run_dir(root: Path) -> Path:
     """`root/DATE/HH-MM-SS-PID`, created now and by this process only (`-1`, `-2`, ... if taken).
 
     Two runs started in the same second never share a run dir, so neither record overwrites the other.
     """
-    now = datetime.now()
-    base = Path(root) / now.strftime("%Y-%m-%d") / f"{now.strftime('%H-%M-%S')}-{os.getpid()}"
+    base = run_dir_stamp(root)
     for n in itertools.count():
         candidate = base if n == 0 else base.with_name(f"{base.name}-{n}")
         try:
@@ -101,20 +114,20 @@ def _plain_dict(config: dict) -> dict:
 
 def _quantization_section(ctx) -> dict | None:
     from qloader.quant.merge import describe
-    from qloader.quant.registry import method_of
 
     if ctx.checkpoint is None:
         return None
-    qconfig = ctx.quantization_config
+    quantization = ctx.quantization
+    qconfig, method = quantization.config, quantization.method
     return {
         "method": "none" if qconfig is None else _plain(qconfig.quant_method),
         "description": describe(qconfig),
-        "config": None if qconfig is None else _plain_dict(method_of(qconfig).config_dict(qconfig)),
+        "config": None if qconfig is None else _plain_dict(method.config_dict(qconfig)),
         "quantizer": None if ctx.quantizer is None else type(ctx.quantizer).__name__,
-        "pre_quantized": ctx.pre_quantized,
-        "choice": ctx.quant_choice,
+        "pre_quantized": quantization.pre_quantized,
+        "choice": quantization.choice,
         "kernel": None if ctx.kernel is None else ctx.kernel.as_dict(),
-        "merge": [row.__dict__ for row in ctx.merge],
+        "merge": [row.__dict__ for row in quantization.merge],
     }
 
 
@@ -197,6 +210,7 @@ class RunManifest:
             "weights_fingerprint": None,
             "saved": None,
             "probe": None,
+            "warnings": [],
             "error": None,
         }
 
@@ -232,6 +246,7 @@ class RunManifest:
                 weights_fingerprint=None if ctx.inventory is None else ctx.inventory.weights_fingerprint,
                 saved=checkpoint_section(ctx.saved),
                 probe=ctx.probe,
+                warnings=list(ctx.warnings),
             )
         self.data["hardware"] = environment.hardware()  # GPUs are only known once torch is imported
         self._write()

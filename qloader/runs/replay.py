@@ -15,13 +15,13 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import yaml
 
 from qloader.config.compose import GROUPS
 from qloader.core.errors import CheckpointError, ConfigError, OutputError, QloaderError
+from qloader.runs.manifest import run_dir_stamp
 
 HUB_SOURCE = "qloader.checkpoint.sources.hub_checkpoint"
 RELATIVE_PATHS = ("model.path", "save.dir", "device_map.offload_folder")
@@ -352,8 +352,7 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if not args.manifest.is_file():
         parser().error(f"manifest '{args.manifest}' does not exist")
-    stamp = datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
-    run_dir = (args.run_dir or Path("outputs") / "replay" / f"{stamp}-{os.getpid()}").absolute()
+    run_dir = (args.run_dir or run_dir_stamp(Path("outputs") / "replay")).absolute()
     options = ReplayOptions(run_dir, args.save_dir, args.no_save, args.rehash)
     try:
         if args.write_experiment:

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from qloader.quant.base import QuantConfig, QuantMethod
+from qloader.quant.base import QuantConfig, QuantMethod, register_method
 from qloader.quant.methods.gptq import import_backend
 
 QUANT_STATE = ("qweight", "qzeros", "scales")
@@ -39,15 +39,16 @@ def _is_awq_linear(module: Any) -> bool:
     return any(cls.__name__ == "AWQuantLinear" for cls in type(module).__mro__)
 
 
+@register_method
 class Awq(QuantMethod):
     quant_method = "awq"
     config_class = "AwqConfig"
     schemas = {"awq": AwqQuantConfig}
     packages = ("gptqmodel",)
-    versions = {"gptqmodel": ">=7.6,<7.7"}
     module = "gptqmodel"
     extra = "gptq"
     format_fields = ("bits", "group_size", "zero_point", "version")
+    pre_quantized_only = True
 
     def check_fields(self, quant: DictConfig) -> list[str]:
         problems = []

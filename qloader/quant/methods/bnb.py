@@ -11,12 +11,13 @@ from typing import Any
 from omegaconf import DictConfig
 
 from qloader.core.choices import choice_enum
-from qloader.quant.base import QuantConfig, QuantMethod, WeightBytes
+from qloader.core.names import TORCH_DTYPES
+from qloader.quant.base import ForwardLimit, QuantConfig, QuantMethod, WeightBytes, register_method
 
 QUANT_TYPES = ("nf4", "fp4")
-TORCH_DTYPES = ("bfloat16", "float16", "float32", "float64")
 STORAGE_DTYPES = ("uint8", "int8", "bfloat16", "float16", "float32")
 KERNELS = ("auto", "bnb", "fused")
+"""`quant.kernel`: see `qloader.quant.bnb_kernel`."""
 # bitsandbytes' 4-bit code book (16 float32) and nested-statistics layout (256-entry code, float32 offset).
 CODE_4BIT_BYTES = 16 * 4
 NESTED_BLOCKSIZE = 256
@@ -51,13 +52,13 @@ class BnbQuantConfig(QuantConfig):
     call on this host). A qloader setting, not passed to the config class."""
 
 
+@register_method
 class Bitsandbytes(QuantMethod):
     quant_method = "bitsandbytes"
     config_class = "BitsAndBytesConfig"
     schemas = {"bnb": BnbQuantConfig}
     settings = ("kernel",)
     packages = ("bitsandbytes",)
-    versions = {"bitsandbytes": ">=0.50"}  # quantizes on CPU from 0.50
     module = "bitsandbytes"
     format_fields = (
         "load_in_4bit",
@@ -139,6 +140,36 @@ class Bitsandbytes(QuantMethod):
             state = blocks * 4 + CODE_4BIT_BYTES
         return WeightBytes(math.ceil(numel / 2), state)
 
+    def forward_limit(self, quantizer: Any, model: Any, device_map: dict) -> ForwardLimit | None:
+        """On a CPU with AVX512-BF16 (bitsandbytes' own test, kept per layer as `support_avx512bf16_for_cpu`),
+        bitsandbytes repacks a 4-bit weight on its first inference forward: rows in blocks of `block_n`, one
+        absmax per `blocksize` inputs of a row. A layer of another shape loads, but its forward fails inside."""
+        block_n = cpu_repack_block_n()
+        if block_n is None:
+            return None
+        modules = {}
+        for name, module in model.named_modules():
+            if self.quantized_class(module) != "Linear4bit" or placed_on(device_map, name) != "cpu":
+                continue
+            if not getattr(module, "support_avx512bf16_for_cpu", False):
+                continue
+            state = getattr(module.weight, "quant_state", None)  # loaded: the blocksize it was quantized with
+            blocksize = module.weight.blocksize if state is None else state.blocksize
+            if why := repack_refusal(module.out_features, module.in_features, block_n, blocksize):
+                modules[name] = why
+        if not modules:
+            return None
+        why = (
+            "bitsandbytes repacks 4-bit weights for this CPU's AVX512-BF16 kernel on the first forward, which needs "
+            f"out_features a multiple of {block_n} and in_features a multiple of the blocksize"
+        )
+        if quantizer.pre_quantized:
+            fix = "the checkpoint stores them in 4-bit: run it where they go to a CUDA GPU (device_map=cuda)"
+        else:
+            keep = sorted({*(getattr(quantizer, "modules_to_not_convert", None) or ()), *modules})
+            fix = f"to run it here, keep them unquantized: quant.llm_int8_skip_modules=[{','.join(keep)}]"
+        return ForwardLimit(modules, why, fix)
+
     def storage_tensors(self, tensor: Any) -> Iterator[Any]:
         """The packed weight, then what bitsandbytes keeps beside it: 4-bit QuantState (nested too) or int8 SCB."""
         import torch
@@ -157,7 +188,7 @@ class Bitsandbytes(QuantMethod):
         self, quant: DictConfig, model: Any = None, device_map: dict | None = None
     ) -> AbstractContextManager[Any]:
         """bitsandbytes' CPU quantization ops, fused or not (`quant.kernel`), for the load stage only."""
-        from qloader.quant.methods.bnb_kernel import quantization_kernels
+        from qloader.quant.bnb_kernel import quantization_kernels
 
         op = "int8_vectorwise_quant" if quant.load_in_8bit else "quantize_4bit"
         elements = 0 if model is None else cpu_quantized_elements(self, model, device_map or {"": "cpu"})
@@ -166,14 +197,35 @@ class Bitsandbytes(QuantMethod):
 
 def cpu_quantized_elements(method: QuantMethod, model: Any, device_map: dict) -> int:
     """Elements of the weights the method quantizes that are placed on the CPU (the skeleton may be on meta)."""
-
-    def device_of(name: str) -> str:
-        while name and name not in device_map:
-            name = name.rpartition(".")[0]
-        return str(device_map.get(name, "cpu"))
-
     return sum(
         module.weight.numel()
         for name, module in model.named_modules()
-        if method.quantized_class(module) is not None and device_of(name) == "cpu"
+        if method.quantized_class(module) is not None and placed_on(device_map, name) == "cpu"
     )
+
+
+def placed_on(device_map: dict, name: str) -> str:
+    """The device `device_map` places module `name` on (its own entry, or its closest parent's)."""
+    while name and name not in device_map:
+        name = name.rpartition(".")[0]
+    return str(device_map.get(name, "cpu"))
+
+
+def cpu_repack_block_n() -> int | None:
+    """The rows per block of bitsandbytes' AVX512-BF16 CPU layout (None: this bitsandbytes does not repack)."""
+    import inspect
+
+    from bitsandbytes import functional
+
+    repack = getattr(functional, "_convert_weight_packed_for_cpu", None)
+    return None if repack is None else inspect.signature(repack).parameters["block_n"].default
+
+
+def repack_refusal(out_features: int, in_features: int, block_n: int, blocksize: int) -> str | None:
+    """Why bitsandbytes' CPU repacking cannot take a [out_features, in_features] 4-bit weight (None: it can)."""
+    problems = []
+    if out_features % block_n:
+        problems.append(f"out_features {out_features} is not a multiple of {block_n}")
+    if in_features % blocksize:
+        problems.append(f"in_features {in_features} is not a multiple of the blocksize {blocksize}")
+    return " and ".join(problems) or None

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from qloader.quant.base import QuantConfig, QuantMethod
+from qloader.quant.base import QuantConfig, QuantMethod, register_method
 
 # Attributes transformers lets a request change on a pre-quantized checkpoint (`get_loading_attributes`).
 LOADING_ATTRIBUTES = {"dequantize": False, "use_optimized_inference": False}
@@ -44,15 +44,16 @@ def _scheme_name(group: dict) -> str:
     return f"W{_bits(group.get('weights'))}A{_bits(group.get('input_activations'))}"
 
 
+@register_method
 class CompressedTensors(QuantMethod):
     quant_method = "compressed-tensors"
     config_class = "CompressedTensorsConfig"
     schemas = {"compressed_tensors": CompressedTensorsQuantConfig}
     packages = ("compressed-tensors",)
-    versions = {"compressed-tensors": ">=0.20,<0.21"}
     module = "compressed_tensors"
     extra = "compressed-tensors"
     format_fields = ("config_groups", "format", "ignore", "kv_cache_scheme", "quantization_status")
+    pre_quantized_only = True
 
     def config_dict(self, config: Any) -> dict:
         """`to_dict()` holds only the stored format; the loading attributes are compared (and recorded) too."""

@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from qloader.quant.base import QuantConfig, QuantMethod, WeightBytes
+from qloader.quant.base import QuantConfig, QuantMethod, WeightBytes, register_method
 
 CALIBRATION_TEXT = files("qloader.quant.methods") / "calibration_text.txt"
 BITS = (2, 3, 4, 8)
@@ -99,13 +99,13 @@ def import_backend() -> None:
                 os.environ.pop(key, None)
 
 
+@register_method
 class Gptq(QuantMethod):
     quant_method = "gptq"
     config_class = "GPTQConfig"
     schemas = {"gptq": GptqQuantConfig}
     settings = ("dataset_samples", "dataset_seqlen", "seed")
     packages = ("gptqmodel", "optimum")
-    versions = {"gptqmodel": ">=7.6,<7.7", "optimum": ">=2.3,<2.4"}
     module = "gptqmodel"
     extra = "gptq"
     format_fields = ("bits", "group_size", "sym", "desc_act", "checkpoint_format")

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from qloader.quant.base import QuantConfig, QuantMethod, WeightBytes
+from qloader.quant.base import QuantConfig, QuantMethod, WeightBytes, register_method
 
 WEIGHTS = ("int8", "int4", "int2", "float8")
 BITS = {"int8": 8, "float8": 8, "int4": 4, "int2": 2}
@@ -26,12 +26,12 @@ class QuantoQuantConfig(QuantConfig):
     modules_to_not_convert: list[str] | None = None
 
 
+@register_method
 class Quanto(QuantMethod):
     quant_method = "quanto"
     config_class = "QuantoConfig"
     schemas = {"quanto": QuantoQuantConfig}
     packages = ("optimum-quanto",)
-    versions = {"optimum-quanto": ">=0.2.7,<0.3"}
     module = "optimum.quanto"
     extra = "quanto"
     format_fields = ("weights", "activations")

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig
 
-from qloader.quant.base import QuantConfig, QuantMethod, WeightBytes
+from qloader.quant.base import QuantConfig, QuantMethod, WeightBytes, register_method
 
 # Short names for the manifest and the sweep table; other torchao configs go by their class name.
 NAMES = {
@@ -48,13 +48,13 @@ def _class_name(node: Any) -> str:
     return str(node.get("_target_", "")).rsplit(".", 1)[-1] if isinstance(node, DictConfig) else ""
 
 
+@register_method
 class Torchao(QuantMethod):
     quant_method = "torchao"
     config_class = "TorchAoConfig"
     schemas = {"torchao": TorchaoQuantConfig}
     settings = ("cuda_quant_type",)
     packages = ("torchao",)
-    versions = {"torchao": ">=0.18,<0.19"}  # its config classes move between releases
     module = "torchao"
     extra = "torchao"
     format_fields = ("quant_type",)

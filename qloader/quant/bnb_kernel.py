@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-KERNELS = ("auto", "bnb", "fused")
 OPS = ("quantize_4bit", "int8_vectorwise_quant")
 # Seconds per element the fused kernels save against bitsandbytes' eager ones: about half of what a
 # shared 2-core CPU measured (quantize_4bit with double quant 106-141 ns/element eager vs 15-16 fused,

@@ -1,0 +1,76 @@
+"""The run's state, passed from stage to stage: each stage returns a new one with what it found."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig
+
+from qloader.checkpoint.reader import Checkpoint
+from qloader.quant.base import QuantMethod
+from qloader.quant.lifecycle import Quantization
+
+if TYPE_CHECKING:
+    from qloader.measure.inventory import Inventory
+    from qloader.measure.plan import Plan
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    cfg: DictConfig
+    overrides: tuple[str, ...] = ()
+    # resolve
+    checkpoint: Checkpoint | None = None
+    hf_config: Any = None
+    model_choice: Any = None
+    """hf_loading.ModelChoice: the class model.task picks, and why."""
+    quantization: Quantization = field(default_factory=Quantization)
+    """The merged quantization config, its plug-in, and what decided them (`qloader.quant.lifecycle`)."""
+    dtype: Any = None
+    # instantiate
+    quantizer: Any = None
+    # validate
+    environment: dict = field(default_factory=dict)
+    # device_map
+    device_map_request: Any = None
+    device_map: dict | None = None
+    offload_folder: Path | None = None
+    source: Any = None
+    """hf_loading.SourceFacts: the skeleton before the quantizer's swaps (checkpoint-side shapes, logical size)."""
+    # preprocess
+    model: Any = None
+    load_config: Any = None
+    plan: Plan | None = None
+    warnings: tuple[str, ...] = ()
+    """One line each: what the run should know that no error stops (modules whose forward cannot run here)."""
+    # load
+    kernel: Any = None
+    loading_info: Any = None
+    offload_index: dict | None = None
+    # postprocess
+    finite_check: str | None = None
+    inventory: Inventory | None = None
+    # save (only when save.enabled)
+    saved: Checkpoint | None = None
+    # probe (only when probe.enabled)
+    probe: dict | None = None
+
+    def next(self, **changes: Any) -> LoadContext:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def method(self) -> QuantMethod | None:
+        """The quantization method's plug-in; None when unquantized."""
+        return self.quantization.method
+
+    @property
+    def quantization_config(self) -> Any:
+        """transformers' quantization config object; None when unquantized."""
+        return self.quantization.config
+
+    @property
+    def pre_quantized(self) -> bool:
+        return self.quantization.pre_quantized
