@@ -47,6 +47,8 @@ MOVED = {
 
 
 class _Alias(importlib.abc.Loader):
+    """Hands out the module at `target` under the old name, leaving the module's own `__spec__` as it was."""
+
     def __init__(self, target: str) -> None:
         self.target = target
 
@@ -54,10 +56,18 @@ class _Alias(importlib.abc.Loader):
         return importlib.import_module(self.target)
 
     def exec_module(self, module: ModuleType) -> None:
-        """The target module ran already, under its own name."""
+        """The target ran already, under its own name; the import system has just set the old name's spec on it,
+        which would make the module look like the alias to `importlib.util.find_spec(target)`: put its own back."""
+        module.__spec__ = importlib.machinery.PathFinder.find_spec(self.target, _parent_path(self.target))
 
     def get_code(self, fullname: str):  # `python -m qloader.job DIR` runs the target's code as __main__
-        return importlib.util.find_spec(self.target).loader.get_code(self.target)
+        return importlib.machinery.PathFinder.find_spec(self.target, _parent_path(self.target)).loader.get_code(
+            self.target
+        )
+
+
+def _parent_path(name: str) -> list[str]:
+    return list(importlib.import_module(name.rpartition(".")[0]).__path__)
 
 
 class LegacyFinder(importlib.abc.MetaPathFinder):

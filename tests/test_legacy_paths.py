@@ -23,6 +23,7 @@ RELEASE = Path(__file__).parent / "data" / "release-2f257d9"
 @pytest.mark.parametrize("old", sorted(MOVED))
 def test_old_module_path_is_the_module_that_holds_its_code_now(old: str) -> None:
     assert importlib.import_module(old) is importlib.import_module(MOVED[old])
+    assert importlib.import_module(old).__spec__.name == MOVED[old]  # the module keeps its own identity
 
 
 def test_paths_recorded_in_conf_and_manifests_resolve() -> None:
