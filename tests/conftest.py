@@ -116,3 +116,19 @@ def run_cli_in_process(*overrides: str, run_dir: Path) -> subprocess.CompletedPr
 
 def read_manifest(run_dir: Path) -> dict:
     return json.loads((run_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_as_before():
+    """A CLI run in this process (`run_cli_in_process`) configures logging as Hydra does for a job: the root logger at
+    INFO, a console handler on the captured stdout and a file handler in that run's dir. Undo it after the test, so a
+    later test's log records neither land in an old run's qloader.log nor miss stderr."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, set(root.handlers)
+    yield
+    for handler in [h for h in root.handlers if h not in handlers and type(h).__module__.startswith("logging")]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)

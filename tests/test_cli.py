@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import read_manifest, run_cli
+from conftest import read_manifest, run_cli_in_process
 
 import qloader
 
 
 def test_local_checkpoint_run_writes_run_dir_and_summary(tiny_checkpoint, tmp_path) -> None:
-    result = run_cli("model=local", f"model.path={tiny_checkpoint}", "quant=none", run_dir=tmp_path)
+    result = run_cli_in_process("model=local", f"model.path={tiny_checkpoint}", "quant=none", run_dir=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "qloader: loaded LlamaForCausalLM" in result.stdout
     for stage in ("resolve", "instantiate", "validate", "device_map", "preprocess", "load", "postprocess"):
@@ -53,7 +53,7 @@ def test_console_script_runs_the_same_cli(tmp_path) -> None:
 
 
 def test_help_names_the_other_commands(tmp_path) -> None:
-    help_out = run_cli("--help", run_dir=tmp_path).stdout
+    help_out = run_cli_in_process("--help", run_dir=tmp_path).stdout
     assert "qloader replay MANIFEST [--check-only]" in help_out and "qloader-report SWEEP_DIR" in help_out
 
 

@@ -11,7 +11,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from conftest import read_manifest, run_cli
+from conftest import read_manifest, run_cli, run_cli_in_process
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -28,7 +28,7 @@ def error_lines(stderr: str) -> list[str]:
 @pytest.mark.parametrize("prefix", ["", "+", "++"])
 def test_misspelt_key_is_refused_whatever_the_prefix(prefix: str, tmp_path) -> None:
     """Hydra's own hint ("To append to your config use +quant.bnb_4bit_quant_typ=nf4") led to a silent load."""
-    result = run_cli("model=tiny-llama", f"{prefix}quant.bnb_4bit_quant_typ=nf4", run_dir=tmp_path)
+    result = run_cli_in_process("model=tiny-llama", f"{prefix}quant.bnb_4bit_quant_typ=nf4", run_dir=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     [line] = error_lines(result.stderr)
     assert line.startswith("qloader: error: ConfigError: quant.bnb_4bit_quant_typ is not a field of BnbQuantConfig")
@@ -60,7 +60,7 @@ def test_choice_outside_its_values_fails_at_compose_listing_them(override: str, 
 
 
 def test_choice_error_is_one_line_from_the_cli(tmp_path) -> None:
-    result = run_cli("device_map.strategy=everywhere", run_dir=tmp_path)
+    result = run_cli_in_process("device_map.strategy=everywhere", run_dir=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
     assert error_lines(result.stderr) == [
         "qloader: error: ConfigError: device_map.strategy: Invalid value 'everywhere', expected one of [auto, "
@@ -80,7 +80,7 @@ def test_choice_fields_stay_plain_strings_in_yaml_and_manifest() -> None:
 
 def test_validate_finite_takes_booleans_and_auto_only(tmp_path) -> None:
     assert compose(["validate.finite=false"]).validate.finite is False  # an Enum would refuse a boolean
-    result = run_cli("model=tiny-llama", "validate.finite=maybe", run_dir=tmp_path)
+    result = run_cli_in_process("model=tiny-llama", "validate.finite=maybe", run_dir=tmp_path)
     assert error_lines(result.stderr) == [
         "qloader: error: ConfigError: validate.finite 'maybe' is not one of true, false, auto"
     ]
@@ -88,7 +88,7 @@ def test_validate_finite_takes_booleans_and_auto_only(tmp_path) -> None:
 
 def test_model_local_without_path_is_one_line(tmp_path) -> None:
     """It was a 25-line MissingMandatoryValue traceback from the model source's instantiate."""
-    result = run_cli("model=local", run_dir=tmp_path)
+    result = run_cli_in_process("model=local", run_dir=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert error_lines(result.stderr) == [
         "qloader: error: ConfigError: model.path is required and has no value; add model.path=... to the command line"
@@ -108,7 +108,9 @@ def test_quant_auto_is_a_config_fact() -> None:
 def test_unwritable_save_dir_fails_before_the_checkpoint_is_read(tmp_path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    result = run_cli("model=tiny-llama", "save.enabled=true", f"save.dir={blocker}/ckpt", run_dir=tmp_path / "run")
+    result = run_cli_in_process(
+        "model=tiny-llama", "save.enabled=true", f"save.dir={blocker}/ckpt", run_dir=tmp_path / "run"
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert error_lines(result.stderr) == [
         f"qloader: error: OutputError: save.dir '{blocker}/ckpt' cannot be created: '{blocker}' is not a directory; "
@@ -164,6 +166,7 @@ def _hub_cache(root: Path, source: Path, repo: str, commit: str) -> Path:
 def test_hub_model_records_repo_revision_and_commit(tiny_checkpoint, tmp_path) -> None:
     commit = "0123456789abcdef0123456789abcdef01234567"
     _hub_cache(tmp_path / "hub", tiny_checkpoint, "org/tiny", commit)
+    # A process of its own: huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE once, when it is imported.
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     hub = ["model=hub", "model.revision=main", "quant=none", "mode=plan"]
     result = run_cli(*hub, "model.repo_id=org/tiny", run_dir=tmp_path / "run", env=env)
@@ -176,7 +179,8 @@ def test_hub_model_records_repo_revision_and_commit(tiny_checkpoint, tmp_path) -
 
 
 def test_misspelt_key_added_with_plus_fails_a_sweep_job_too(tmp_path) -> None:
-    """A sweep job re-runs its saved config in a process of its own: it is typed again, so `resolve` sees the key."""
+    """A sweep job re-runs its saved config in a process of its own: it is typed again, so `resolve` sees the key.
+    The sweep itself runs in a process too: it installs signal handlers for its whole process."""
     import os
     import subprocess
     import sys

@@ -333,6 +333,8 @@ def test_custom_code_is_refused_by_default(tiny_checkpoint, tmp_path) -> None:
 def test_custom_code_runs_when_trusted(tiny_checkpoint, tmp_path) -> None:
     sentinel = tmp_path / "sentinel"
     folder = _remote_code_checkpoint(tiny_checkpoint, tmp_path / "custom", sentinel)
+    # A process of its own: the checkpoint's code runs on import, and transformers reads HF_MODULES_CACHE once, when
+    # it is imported; in this process the module would stay in sys.modules and on sys.path for every later test.
     env = {"HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = run_cli(
         "model=local", f"model.path={folder}", "model.trust_remote_code=true", "quant=bnb-nf4", "device_map=cpu",

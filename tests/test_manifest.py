@@ -6,13 +6,14 @@ import json
 
 import jsonschema
 import pytest
-from conftest import read_manifest, run_cli
+from conftest import read_manifest, run_cli_in_process
 
 import qloader
-from qloader.loading.stages import STAGE_NAMES
-from qloader.runs.manifest import SCHEMA_PATH, config_hash, write_json_atomic
+from qloader.core.files import write_json_atomic
+from qloader.core.names import STAGE_NAMES
+from qloader.runs.manifest import config_hash, manifest_schema
 
-SCHEMA = json.loads(SCHEMA_PATH.read_text())
+SCHEMA = manifest_schema()
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def _circular() -> dict:
 
 
 def test_failed_manifest_is_schema_valid(tmp_path) -> None:
-    result = run_cli("model=tiny-llama", "device_map=cuda", run_dir=tmp_path)
+    result = run_cli_in_process("model=tiny-llama", "device_map=cuda", run_dir=tmp_path)
     assert result.returncode == 1
     manifest = read_manifest(tmp_path)
     jsonschema.validate(manifest, SCHEMA)

@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import pytest
-from conftest import read_manifest, run_cli
+from conftest import read_manifest, run_cli_in_process
 
 import qloader
-from qloader.loading.stages import STAGE_NAMES
+from qloader.core.names import STAGE_NAMES
+
+
+@pytest.fixture(scope="module")
+def loaded_manifest(tmp_path_factory):
+    """The manifest of a full load of `model` in `quant`, loaded once per module: the tests only read it."""
+    manifests: dict[tuple[str, str], dict] = {}
+
+    def load(model: str, quant: str) -> dict:
+        if (model, quant) not in manifests:
+            run_dir = tmp_path_factory.mktemp(f"{model}-{quant}")
+            manifests[model, quant] = qloader.load([f"model={model}", f"quant={quant}"], run_dir=run_dir).manifest
+        return manifests[model, quant]
+
+    return load
 
 
 @pytest.mark.parametrize("quant", ["none", "bnb-nf4", "bnb-int8"])
 @pytest.mark.parametrize("model", ["tiny-llama", pytest.param("smollm2-135m", marks=pytest.mark.smollm2)])
-def test_planned_footprint_is_within_10_percent_of_measured(model: str, quant: str, tmp_path) -> None:
-    manifest = qloader.load([f"model={model}", f"quant={quant}"], run_dir=tmp_path).manifest
+def test_planned_footprint_is_within_10_percent_of_measured(model: str, quant: str, loaded_manifest) -> None:
+    manifest = loaded_manifest(model, quant)
     planned, measured = manifest["plan"]["footprint_bytes"], manifest["model"]["footprint_bytes"]
     assert abs(planned - measured) <= 0.10 * measured, (planned, measured)
     assert manifest["plan"]["peak_load_bytes"] > planned and manifest["plan"]["fits"] is True
 
 
 def test_plan_mode_stops_after_preprocess_and_reads_no_tensor_data(tmp_path) -> None:
-    result = run_cli(
+    result = run_cli_in_process(
         "mode=plan", "model=tiny-llama", "quant=bnb-nf4", "device_map.max_memory.cpu=2GiB", run_dir=tmp_path
     )
     assert result.returncode == 0, result.stderr
@@ -35,15 +49,18 @@ def test_plan_mode_stops_after_preprocess_and_reads_no_tensor_data(tmp_path) -> 
 
 
 @pytest.mark.smollm2
-def test_plan_mode_on_smollm2_matches_a_full_load(smollm2_checkpoint, tmp_path) -> None:
-    assert run_cli("mode=plan", "quant=bnb-nf4", run_dir=tmp_path / "plan").returncode == 0
+def test_plan_mode_on_smollm2_matches_a_full_load(smollm2_checkpoint, loaded_manifest, tmp_path) -> None:
+    plan = run_cli_in_process("mode=plan", "model=smollm2-135m", "quant=bnb-nf4", run_dir=tmp_path / "plan")
+    assert plan.returncode == 0, plan.stderr
     planned = read_manifest(tmp_path / "plan")["plan"]["footprint_bytes"]
-    loaded = qloader.load(["quant=bnb-nf4"], run_dir=tmp_path / "load").manifest["model"]["footprint_bytes"]
+    loaded = loaded_manifest("smollm2-135m", "bnb-nf4")["model"]["footprint_bytes"]
     assert abs(planned - loaded) <= 0.10 * loaded
 
 
 def test_model_that_does_not_fit_says_by_how_much(tmp_path) -> None:
-    result = run_cli("mode=plan", "model=tiny-llama", "quant=none", "device_map.max_memory.cpu=100KB", run_dir=tmp_path)
+    result = run_cli_in_process(
+        "mode=plan", "model=tiny-llama", "quant=none", "device_map.max_memory.cpu=100KB", run_dir=tmp_path
+    )
     assert result.returncode == 1
     assert "DeviceMapError" in result.stderr and "the model does not fit" in result.stderr
     assert "short by" in result.stderr and "could not be placed" in result.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_manifest, run_cli
+from conftest import read_manifest, run_cli, run_cli_in_process
 from oracle import MODES, assert_same_logits, assert_same_model, assert_same_weights, transformers_load
 from safetensors.torch import load_file, save_file
 from transformers import BitsAndBytesConfig
@@ -28,8 +28,11 @@ def save_with_qloader(model: str, mode: str, tmp: Path, shard: str) -> tuple[qlo
     return result, ckpt
 
 
-def check_interop(model: str, mode: str, tmp: Path, shard: str) -> None:
-    before, ckpt = save_with_qloader(model, mode, tmp, shard)
+def check_interop(
+    model: str, mode: str, tmp: Path, shard: str, saved: tuple[qloader.LoadResult, Path] | None = None
+) -> None:
+    """`saved`: the load and checkpoint `save_with_qloader` made for this mode, if a fixture already has them."""
+    before, ckpt = saved or save_with_qloader(model, mode, tmp, shard)
     assert before.manifest["saved"]["path"] == str(ckpt.resolve())
     assert [s["name"] for s in before.manifest["stages"]][-1] == "save"
 
@@ -56,15 +59,23 @@ def test_tiny_llama_round_trips_both_ways(mode: str, tmp_path) -> None:
     check_interop("model=tiny-llama", mode, tmp_path, shard="30KB")
 
 
+@pytest.fixture(scope="module")
+def smollm2_nf4_dq_saved(smollm2_checkpoint, tmp_path_factory) -> tuple[qloader.LoadResult, Path]:
+    """SmolLM2 saved by qloader in nf4-dq, once: its round trip and the tokenizer check read the same save (the
+    tokenizer check reads files only, never the model the round trip runs forwards on)."""
+    return save_with_qloader("model=smollm2-135m", "nf4-dq", tmp_path_factory.mktemp("smollm2"), shard="40MB")
+
+
 @pytest.mark.smollm2
 @pytest.mark.parametrize("mode", SAVED_MODES)
-def test_smollm2_round_trips_both_ways(mode: str, smollm2_checkpoint, tmp_path) -> None:
-    check_interop("model=smollm2-135m", mode, tmp_path, shard="40MB")
+def test_smollm2_round_trips_both_ways(mode: str, smollm2_checkpoint, tmp_path, request) -> None:
+    saved = request.getfixturevalue("smollm2_nf4_dq_saved") if mode == "nf4-dq" else None
+    check_interop("model=smollm2-135m", mode, tmp_path, shard="40MB", saved=saved)
 
 
 @pytest.mark.smollm2
-def test_saved_smollm2_carries_its_tokenizer(smollm2_checkpoint, tmp_path) -> None:
-    _, ckpt = save_with_qloader("model=smollm2-135m", "nf4-dq", tmp_path, shard="200MB")
+def test_saved_smollm2_carries_its_tokenizer(smollm2_checkpoint, smollm2_nf4_dq_saved) -> None:
+    _, ckpt = smollm2_nf4_dq_saved
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (ckpt / name).read_bytes() == (smollm2_checkpoint / name).read_bytes()
 
@@ -91,7 +102,7 @@ def test_quant_chosen_by_an_experiments_defaults_is_a_request(nf4_checkpoint, tm
     experiment.mkdir(parents=True)
     (experiment / "fp4.yaml").write_text("# @package _global_\ndefaults:\n  - override /quant: bnb-fp4\n")
     overrides = ["model=local", f"model.path={nf4_checkpoint}", "+experiment=fp4"]
-    result = run_cli(*overrides, f"hydra.searchpath=[file://{tmp_path / 'conf'}]", run_dir=tmp_path / "run")
+    result = run_cli_in_process(*overrides, f"hydra.searchpath=[file://{tmp_path / 'conf'}]", run_dir=tmp_path / "run")
     assert result.returncode == 1
     assert "QuantizationMismatchError" in result.stderr and "checkpoint nf4, requested fp4" in result.stderr
     assert read_manifest(tmp_path / "run")["config"]["quant"]["auto"] is False
@@ -99,7 +110,7 @@ def test_quant_chosen_by_an_experiments_defaults_is_a_request(nf4_checkpoint, tm
 
 def test_merge_lists_every_difference_and_checkpoint_wins(nf4_checkpoint, tmp_path) -> None:
     overrides = ["quant=bnb-nf4", "quant.bnb_4bit_compute_dtype=float16", "quant.llm_int8_threshold=5.0"]
-    result = run_cli("model=local", f"model.path={nf4_checkpoint}", *overrides, run_dir=tmp_path)
+    result = run_cli_in_process("model=local", f"model.path={nf4_checkpoint}", *overrides, run_dir=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "quant.bnb_4bit_compute_dtype: checkpoint 'bfloat16', requested 'float16' -> using 'bfloat16'" in (
         result.stdout + result.stderr
@@ -141,7 +152,7 @@ def test_merged_load_equals_transformers_with_the_same_request(nf4_checkpoint, t
     ],
 )
 def test_contradicting_request_names_both_sides(nf4_checkpoint, tmp_path, overrides, fragment) -> None:
-    result = run_cli("model=local", f"model.path={nf4_checkpoint}", *overrides, run_dir=tmp_path)
+    result = run_cli_in_process("model=local", f"model.path={nf4_checkpoint}", *overrides, run_dir=tmp_path)
     assert result.returncode == 1
     assert "QuantizationMismatchError" in result.stderr and fragment in result.stderr
     assert f"{nf4_checkpoint}/config.json is pre-quantized" in result.stderr
@@ -155,7 +166,7 @@ def test_unknown_quant_method_is_named(nf4_checkpoint, tmp_path) -> None:
     config = json.loads((broken / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "magic", "bits": 3}
     (broken / "config.json").write_text(json.dumps(config))
-    result = run_cli("model=local", f"model.path={broken}", run_dir=tmp_path / "run")
+    result = run_cli_in_process("model=local", f"model.path={broken}", run_dir=tmp_path / "run")
     assert result.returncode == 1
     assert f"{broken}/config.json: quantization_config.quant_method 'magic' is not a method" in result.stderr
     assert read_manifest(tmp_path / "run")["error"]["type"] == "CheckpointError"
@@ -174,7 +185,7 @@ def test_shard_missing_quant_state_is_named(nf4_checkpoint, tmp_path) -> None:
     index_path.write_text(json.dumps(index))
     weight_shard = broken / index["weight_map"]["model.layers.0.self_attn.q_proj.weight"]
 
-    result = run_cli("model=local", f"model.path={broken}", run_dir=tmp_path / "run")
+    result = run_cli_in_process("model=local", f"model.path={broken}", run_dir=tmp_path / "run")
     assert result.returncode == 1
     assert f"{weight_shard}: tensor '{key}' is missing" in result.stderr
     manifest = read_manifest(tmp_path / "run")
@@ -185,7 +196,7 @@ def test_save_dir_must_be_new(tmp_path) -> None:
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "x").write_text("keep me")
-    result = run_cli("model=tiny-llama", "save.enabled=true", f"save.dir={taken}", run_dir=tmp_path / "run")
+    result = run_cli_in_process("model=tiny-llama", "save.enabled=true", f"save.dir={taken}", run_dir=tmp_path / "run")
     assert result.returncode == 1
     assert f"save.dir '{taken}' already exists and is not empty" in result.stderr
     assert (taken / "x").read_text() == "keep me" and read_manifest(tmp_path / "run")["checkpoint"] is None
@@ -214,7 +225,9 @@ def test_prequantized_load_never_materializes_full_precision(tmp_path) -> None:
     )
     del saved
 
-    result = run_cli("model=local", f"model.path={ckpt}", run_dir=tmp_path / "reload")  # a fresh process
+    # A fresh process: its memory holds nothing an earlier load freed, so the load stage's anonymous peak is its own
+    # (in this process, a dequantizing load could reuse the freed pages and pass unseen).
+    result = run_cli("model=local", f"model.path={ckpt}", run_dir=tmp_path / "reload")
     assert result.returncode == 0, result.stderr
     manifest = read_manifest(tmp_path / "reload")
     load = next(s for s in manifest["stages"] if s["name"] == "load")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, read_manifest, run_cli
+from conftest import REPO, read_manifest, run_cli_in_process
 
 import qloader
 from qloader.config.compose import compose
@@ -21,6 +21,8 @@ from qloader.runs.replay import experiment_yaml
 
 
 def replay_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m qloader replay ...` in a process: replay is a light entry point (torch loads only for a load), so
+    its refusals and --check-only cost a fraction of a second; a full replay comes only in the slow tests."""
     return subprocess.run(
         [sys.executable, "-m", "qloader", "replay", *map(str, args)],
         capture_output=True,
@@ -74,7 +76,7 @@ def test_input_hashes_are_cached_outside_the_checkpoint(local_copy, tmp_path, mo
 
 @pytest.mark.slow
 def test_replay_reproduces_the_run(tmp_path) -> None:
-    assert run_cli("model=tiny-llama", "quant=bnb-nf4", run_dir=tmp_path / "orig").returncode == 0
+    assert run_cli_in_process("model=tiny-llama", "quant=bnb-nf4", run_dir=tmp_path / "orig").returncode == 0
     result = replay_cli(tmp_path / "orig" / "manifest.json", "--run-dir", tmp_path / "replay")
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
@@ -87,7 +89,7 @@ def test_replay_reproduces_the_run(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_replay_uses_the_recorded_config_not_todays_defaults(tmp_path) -> None:
-    assert run_cli("model=tiny-llama", "quant=bnb-int8", run_dir=tmp_path / "orig").returncode == 0
+    assert run_cli_in_process("model=tiny-llama", "quant=bnb-int8", run_dir=tmp_path / "orig").returncode == 0
     manifest = read_manifest(tmp_path / "orig")
     manifest["config"]["quant"]["llm_int8_threshold"] = 5.0  # as if conf/ had since changed
     manifest["config_hash"] = config_hash(manifest["config"])
@@ -98,7 +100,7 @@ def test_replay_uses_the_recorded_config_not_todays_defaults(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_changed_shard_is_named_and_fails_the_replay(local_copy, tmp_path) -> None:
-    assert run_cli("model=local", f"model.path={local_copy}", run_dir=tmp_path / "orig").returncode == 0
+    assert run_cli_in_process("model=local", f"model.path={local_copy}", run_dir=tmp_path / "orig").returncode == 0
     shard = local_copy / "model-00003-of-00007.safetensors"
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0x10  # one bit of the last tensor's data; the file stays valid safetensors
@@ -111,7 +113,7 @@ def test_changed_shard_is_named_and_fails_the_replay(local_copy, tmp_path) -> No
 
 
 def test_check_only_names_a_library_version_drift(tmp_path) -> None:
-    assert run_cli("model=tiny-llama", run_dir=tmp_path / "orig").returncode == 0
+    assert run_cli_in_process("model=tiny-llama", run_dir=tmp_path / "orig").returncode == 0
     manifest = read_manifest(tmp_path / "orig")
     current = manifest["versions"]["bitsandbytes"]
     manifest["versions"]["bitsandbytes"] = "0.49.0"
@@ -125,7 +127,7 @@ def test_check_only_names_a_library_version_drift(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_missing_checkpoint_is_a_clear_error(local_copy, tmp_path) -> None:
-    assert run_cli("model=local", f"model.path={local_copy}", run_dir=tmp_path / "orig").returncode == 0
+    assert run_cli_in_process("model=local", f"model.path={local_copy}", run_dir=tmp_path / "orig").returncode == 0
     shutil.rmtree(local_copy)
     check = replay_cli(tmp_path / "orig" / "manifest.json", "--check-only")
     assert check.returncode == 1
@@ -156,7 +158,7 @@ def test_pinned_hash_mismatch_fails_in_validate(tiny_checkpoint, tmp_path) -> No
         for f in qloader.load(["model=tiny-llama"], run_dir=tmp_path / "ok").manifest["checkpoint"]["files"]
     }
     pin = f"++model.expected_sha256={{config.json:{real['config.json']},model-00002-of-00007.safetensors:{'0' * 64}}}"
-    result = run_cli("model=tiny-llama", pin, run_dir=tmp_path / "run")
+    result = run_cli_in_process("model=tiny-llama", pin, run_dir=tmp_path / "run")
     assert result.returncode == 1
     assert "model.expected_sha256 does not match" in result.stderr
     assert (
@@ -166,7 +168,7 @@ def test_pinned_hash_mismatch_fails_in_validate(tiny_checkpoint, tmp_path) -> No
     manifest = read_manifest(tmp_path / "run")
     assert manifest["error"]["stage"] == "validate" and "load" not in [s["name"] for s in manifest["stages"]]
     good = f"++model.expected_sha256={{config.json:{real['config.json']}}}"
-    assert run_cli("model=tiny-llama", good, run_dir=tmp_path / "good").returncode == 0
+    assert run_cli_in_process("model=tiny-llama", good, run_dir=tmp_path / "good").returncode == 0
 
 
 def test_fingerprint_can_be_turned_off(tmp_path) -> None:
@@ -177,7 +179,7 @@ def test_fingerprint_can_be_turned_off(tmp_path) -> None:
 @pytest.mark.slow
 def test_replay_of_a_run_recorded_before_newer_settings(tmp_path) -> None:
     """A manifest whose config predates `validate`, `model.allow_pickle`, ...: replayed with their defaults."""
-    assert run_cli("model=tiny-llama", "quant=bnb-nf4", run_dir=tmp_path / "orig").returncode == 0
+    assert run_cli_in_process("model=tiny-llama", "quant=bnb-nf4", run_dir=tmp_path / "orig").returncode == 0
     manifest = read_manifest(tmp_path / "orig")
     config = manifest["config"]
     del config["validate"], config["model"]["allow_pickle"], config["model"]["trust_remote_code"]
@@ -201,7 +203,7 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 @pytest.mark.slow
 def test_replay_of_a_plan_manifest_reruns_the_plan(tmp_path) -> None:
     """A plan hashes no file: the replay compares sizes (it used to fail with a TypeError)."""
-    assert run_cli("model=tiny-llama", "mode=plan", run_dir=tmp_path / "orig").returncode == 0
+    assert run_cli_in_process("model=tiny-llama", "mode=plan", run_dir=tmp_path / "orig").returncode == 0
     result = replay_cli(tmp_path / "orig" / "manifest.json", "--run-dir", tmp_path / "replay")
     assert result.returncode == 0, result.stderr
     assert "(not hashed)" in result.stdout and read_manifest(tmp_path / "replay")["mode"] == "plan"
@@ -213,7 +215,7 @@ def test_replay_of_a_plan_manifest_reruns_the_plan(tmp_path) -> None:
 def recorded(tmp_path_factory) -> Path:
     """A plan-mode run's manifest, to edit into bad ones."""
     run_dir = tmp_path_factory.mktemp("recorded")
-    assert run_cli("model=tiny-llama", "quant=bnb-int8", "mode=plan", run_dir=run_dir).returncode == 0
+    assert run_cli_in_process("model=tiny-llama", "quant=bnb-int8", "mode=plan", run_dir=run_dir).returncode == 0
     return run_dir / "manifest.json"
 
 
@@ -267,7 +269,7 @@ def test_check_only_compares_the_config_hash(recorded, tmp_path) -> None:
 @pytest.mark.slow
 def test_replay_records_the_choices_so_its_experiment_keeps_its_groups(tmp_path) -> None:
     overrides = ["model=tiny-llama", "quant=bnb-fp4", "dtype=fp16", "mode=plan"]
-    assert run_cli(*overrides, run_dir=tmp_path / "orig").returncode == 0
+    assert run_cli_in_process(*overrides, run_dir=tmp_path / "orig").returncode == 0
     assert replay_cli(tmp_path / "orig" / "manifest.json", "--run-dir", tmp_path / "replay").returncode == 0
     replayed = read_manifest(tmp_path / "replay")
     assert replayed["choices"] == read_manifest(tmp_path / "orig")["choices"]
@@ -302,19 +304,15 @@ def test_write_experiment_into_a_missing_folder(recorded, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_replay_of_a_run_that_saved_needs_a_new_save_dir_or_none(tmp_path) -> None:
+def test_replay_of_a_run_that_saved_needs_a_new_save_dir_or_none(tmp_path, monkeypatch) -> None:
     """Relative paths resolve against the directory the run started in, recorded in the manifest."""
     started = tmp_path / "project"
     started.mkdir()
-    orig = subprocess.run(
-        [sys.executable, "-m", "qloader", "model=tiny-llama", "quant=bnb-nf4", "save.enabled=true", "save.dir=ckpt"]
-        + [f"hydra.run.dir={tmp_path / 'orig'}"],
-        capture_output=True,
-        text=True,
-        cwd=started,
-        env=os.environ,
-        timeout=300,
-    )
+    with monkeypatch.context() as inside:
+        inside.chdir(started)
+        orig = run_cli_in_process(
+            "model=tiny-llama", "quant=bnb-nf4", "save.enabled=true", "save.dir=ckpt", run_dir=tmp_path / "orig"
+        )
     assert orig.returncode == 0, orig.stderr
     manifest = tmp_path / "orig" / "manifest.json"
     assert read_manifest(tmp_path / "orig")["cwd"] == str(started) and (started / "ckpt" / "config.json").is_file()
@@ -340,6 +338,7 @@ def test_replay_of_a_hub_run_pins_the_commit_it_resolved(tiny_checkpoint, tmp_pa
     shutil.copytree(tiny_checkpoint, repo / "snapshots" / first)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(first)
+    # Processes of their own: huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE once, when it is imported.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     overrides = ["model=hub", "model.repo_id=org/tiny", "quant=none", "mode=plan", f"hydra.run.dir={tmp_path / 'o'}"]
     run = subprocess.run([sys.executable, "-m", "qloader", *overrides], capture_output=True, text=True, env=env)
