@@ -87,7 +87,8 @@ def test_unwritable_run_dir_is_one_clear_line(tmp_path) -> None:
 
 
 def test_disk_full_while_writing_the_manifest(tiny_checkpoint, tmp_path, monkeypatch) -> None:
-    """The final write fails (ENOSPC): a clear error, the last complete manifest stays, the checkpoint is untouched."""
+    """The writes fail (ENOSPC): a clear error, a manifest that says `failed` (rewritten over its own blocks, which
+    need no new space), never `running`; the checkpoint is untouched."""
     from qloader.runs import manifest as manifest_module
 
     folder = copy_checkpoint(tiny_checkpoint, tmp_path / "checkpoint")
@@ -103,7 +104,8 @@ def test_disk_full_while_writing_the_manifest(tiny_checkpoint, tmp_path, monkeyp
     run_dir = tmp_path / "run"
     with pytest.raises(OutputError, match="cannot write the run manifest .*: No space left on device"):
         qloader.load(["model=local", f"model.path={folder}", "quant=bnb-nf4"], run_dir=run_dir)
-    assert read_manifest(run_dir)["status"] == "running"
+    manifest = read_manifest(run_dir)
+    assert manifest["status"] == "failed" and manifest["error"]["type"] == "OutputError"
     assert {p.name for p in run_dir.iterdir()} - {"qloader.log"} == {"manifest.json"}  # no temp file left behind
     assert tree_state(folder) == before
 

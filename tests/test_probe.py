@@ -58,7 +58,7 @@ def test_probe_fails_clearly_without_a_tokenizer(tiny_checkpoint, tmp_path) -> N
     assert result.returncode == 1
     assert f"ProbeError: probe: checkpoint '{tiny_checkpoint}' has no tokenizer" in result.stderr
     manifest = read_manifest(tmp_path)
-    assert (manifest["error"]["stage"], manifest["status"]) == ("probe", "failed")
+    assert (manifest["error"]["stage"], manifest["status"]) == ("resolve", "failed")  # refused before loading
 
 
 @pytest.mark.smollm2

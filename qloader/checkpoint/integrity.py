@@ -128,15 +128,10 @@ def check_index(index_path: Path, weight_map: dict[str, str], found: dict[str, P
 
 def check_remote_code(config_json: Path, trusted: bool) -> None:
     """A config.json `auto_map` names Python files shipped with the checkpoint: refuse it unless trusted."""
-    from qloader.core.errors import CheckpointError, UnsafeCheckpointError
+    from qloader.checkpoint.config_files import read_json_object
+    from qloader.core.errors import UnsafeCheckpointError
 
-    try:
-        config = json.loads(config_json.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_json}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_json}: expected a JSON object, found {type(config).__name__}")
-    auto_map = config.get("auto_map")
+    auto_map = read_json_object(config_json).get("auto_map")
     if auto_map and not trusted:
         code = sorted(p.name for p in config_json.parent.glob("*.py"))
         raise UnsafeCheckpointError(
@@ -246,37 +241,26 @@ def nonfinite_weights(model, offloaded=None, storage_tensors=None) -> list[str]:
 
 
 def read_hash_cache(path: Path) -> tuple[dict[str, dict], bool]:
-    """The entries of `sha256-cache.json` that have the right shape, and whether the file was well-formed
-    (a missing file is); anything else is dropped with one warning.
+    """The entries of `sha256-cache.json` that have the right shape and checksum, and whether the file was
+    well-formed (a missing file is); anything else is dropped with one warning.
 
-    The cache only saves time, so a file that is not JSON, or JSON of the wrong shape (`[]`, `null`, an
-    entry without `mtime_ns`), must never stop a run: it is ignored and rewritten.
+    The cache only saves time, so a file that is not JSON, JSON of the wrong shape (`[]`, `null`, an entry
+    without `ctime_ns`, a digest edited by hand), or a folder in its place must never stop a run, nor give
+    a wrong digest: it is ignored and rewritten.
     """
-    import logging
+    from qloader.core.cache import read_json_entries
 
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}, True
-    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-        raw, why = None, f"not readable JSON ({e})"
-    else:
-        why = None if isinstance(raw, dict) else f"a JSON {type(raw).__name__}, not an object"
-    entries = {key: entry for key, entry in raw.items() if _hash_entry_ok(entry)} if why is None else {}
-    if why is None and len(entries) < len(raw):
-        why = f"{len(raw) - len(entries)} malformed entr{'y' if len(raw) - len(entries) == 1 else 'ies'}"
-    if why is not None:
-        logging.getLogger("qloader").warning("hash cache %s: %s; ignoring it, files are hashed afresh", path, why)
-    return entries, why is None
+    return read_json_entries(path, "hash cache", _hash_entry_ok, "ignoring it, files are hashed afresh")
 
 
-def _hash_entry_ok(entry: object) -> bool:
-    """{"size": int, "mtime_ns": int, "sha256": 64 hex digits}."""
-    if not isinstance(entry, dict):
+def _hash_entry_ok(key: str, entry: object) -> bool:
+    """{"size", "mtime_ns", "ctime_ns", "ino": int, "sha256": 64 hex digits, "check": its checksum}."""
+    from qloader.core.cache import entry_check, is_sha256
+
+    if not isinstance(entry, dict) or set(entry) != {"size", "mtime_ns", "ctime_ns", "ino", "sha256", "check"}:
         return False
-    size, mtime, digest = entry.get("size"), entry.get("mtime_ns"), entry.get("sha256")
-    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (size, mtime))
-    return ints and isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+    ints = all(type(entry[name]) is int for name in ("size", "mtime_ns", "ctime_ns", "ino"))
+    return ints and is_sha256(entry["sha256"]) and entry["check"] == entry_check(key, entry)
 
 
 def check_finite(model, validate: Any, checkpoint_path: Path, parameters: int, offloaded, storage_tensors) -> str:

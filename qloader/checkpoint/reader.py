@@ -82,7 +82,7 @@ def _read_index(index_path: Path) -> dict:
             raise TypeError("weight_map is not a mapping of tensor name -> shard file")
         if not isinstance(index.get("metadata") or {}, dict):
             raise TypeError("metadata is not a mapping")
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise CheckpointError(f"{index_path}: not a valid weights index ({e})") from e
     return index
 
@@ -121,11 +121,13 @@ def _find_shards(folder: Path, allow_pickle: bool) -> tuple[list[Path], Path | N
 
 
 class HashCache:
-    """sha256 of files keyed by (path, size, mtime), kept in qloader's cache dir, never beside the files.
+    """sha256 of files keyed by path and identity (size, mtime, ctime, inode), kept in qloader's cache dir,
+    never beside the files.
 
-    The cache trusts that a file with the same path, size and mtime holds the same bytes; `trust=False`
-    (model.verify_hashes=true) hashes every file afresh. A cache file of the wrong shape is ignored
-    with one warning and rewritten.
+    The cache trusts that a file with the same path and identity holds the same bytes: a write moves the
+    ctime, even when `touch -r` puts the mtime back. `trust=False` (model.verify_hashes=true) hashes every
+    file afresh and rewrites its entry. A cache file of the wrong shape, or an entry whose checksum does
+    not match, is ignored with one warning and rewritten.
     """
 
     def __init__(self, path: Path, trust: bool = True):
@@ -134,15 +136,17 @@ class HashCache:
         self.rewrite = not well_formed  # a malformed cache is replaced by the entries that were sound
 
     def sha256(self, file: Path) -> str:
-        stat = file.stat()
+        from qloader.core.cache import entry_check, file_identity
+
+        identity = file_identity(file.stat())
         key = str(file.resolve())
         entry = self.entries.get(key) if self.trust else None
-        if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
+        if entry and all(entry[name] == value for name, value in identity.items()):
             return entry["sha256"]
         self.misses += 1
-        digest = sha256_file(file)
-        self.entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-        return digest
+        entry = {**identity, "sha256": sha256_file(file)}
+        self.entries[key] = {**entry, "check": entry_check(key, entry)}
+        return entry["sha256"]
 
     def save(self) -> None:
         if self.misses or self.rewrite:

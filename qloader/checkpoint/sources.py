@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -19,6 +20,8 @@ from pathlib import Path
 from qloader.core.cache import cache_dir
 from qloader.core.errors import CheckpointError
 from qloader.core.names import TOKENIZER_FILES
+
+log = logging.getLogger("qloader")
 
 # `model` fields that are qloader settings rather than arguments of the model source.
 MODEL_SETTINGS = ("expected_sha256", "verify_hashes", "allow_pickle", "trust_remote_code", "task")
@@ -43,36 +46,76 @@ def checkpoint_folder(model) -> Path:
 
 BUILD_PREFIX = ".build-"
 """Temp folders of cache builds: `.build-<name>-<random>`, next to their lock file `.build-<name>.lock`."""
+BUILT_MARKER = ".qloader-built"
+"""Written last into a cache build: its files and their sizes. An entry without it, or whose files differ
+from it, is incomplete or damaged and is built again. (No input suffix: it is not one of the checkpoint's
+recorded files.)"""
 
 
 def _build_once(name: str, build: Callable[[Path], None]) -> Path:
-    """Return cache/<name>, building it with `build(tmp_dir)` first if it is not there yet.
+    """Return cache/<name>, building it with `build(tmp_dir)` first if it is not there yet, or not whole.
 
     The build holds a lock (fcntl) on `.build-<name>.lock`: a second process waits for the first
     and then uses its result, instead of building again beside it. Under the lock, temp folders that
-    a killed build left behind are removed. The finished folder gets the modes the user's umask gives.
+    a killed build left behind are removed, and an entry that fails its marker (`BUILT_MARKER`) is removed
+    with one warning and built again. The finished folder gets the modes the user's umask gives.
     """
     import fcntl
 
+    from qloader.core.cache import discard, warn_damaged
     from qloader.core.permissions import follow_umask
 
     target = cache_dir() / name
-    if (target / "config.json").is_file():
+    if _entry_problem(target) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f"{BUILD_PREFIX}{name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process is killed
-        remove_abandoned_builds(target.parent, held=name)
-        if (target / "config.json").is_file():  # built by the process that held the lock before
+        if abandoned := remove_abandoned_builds(target.parent, held=name):
+            names = ", ".join(p.name for p in abandoned)
+            log.warning("removed %d cache build folder(s) left by a build that was killed: %s", len(abandoned), names)
+        if (why := _entry_problem(target)) is None:  # built by the process that held the lock before
             return target
+        if target.exists() or target.is_symlink():
+            discard(target)
+            warn_damaged("converted-model cache entry", target, why, "removed it; building it again")
         tmp = Path(tempfile.mkdtemp(prefix=f"{BUILD_PREFIX}{name}-", dir=target.parent))
         try:
             build(tmp)
+            _write_marker(tmp)
             follow_umask(tmp)
             tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _write_marker(folder: Path) -> None:
+    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / BUILT_MARKER).write_text(json.dumps({"files": sizes}, indent=2) + "\n")
+
+
+def _entry_problem(target: Path) -> str | None:
+    """Why the cache entry `target` cannot be used (None: it is whole); 'absent' when there is none."""
+    if not (target.exists() or target.is_symlink()):
+        return "absent"
+    if not target.is_dir():
+        return "not a folder"
+    try:
+        files = json.loads((target / BUILT_MARKER).read_text())["files"]
+        if not isinstance(files, dict) or not files:
+            raise TypeError("no files listed")
+    except FileNotFoundError:
+        return f"no {BUILT_MARKER} marker (its build was cut short, or it was built by an older qloader)"
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        return f"its {BUILT_MARKER} marker is unreadable ({type(e).__name__}: {e})"
+    for file, size in files.items():
+        path = target / str(file)
+        if not path.is_file():
+            return f"{file} is missing"
+        if path.stat().st_size != size:
+            return f"{file} holds {path.stat().st_size} bytes, the build wrote {size} (truncated or changed)"
+    return None
 
 
 def remove_abandoned_builds(cache: Path, held: str | None = None) -> list[Path]:

@@ -13,11 +13,14 @@ from omegaconf import DictConfig
 from qloader.checkpoint.reader import Checkpoint, inspect_checkpoint
 from qloader.core.errors import OutputError
 from qloader.core.files import check_writable_dir, existing_ancestor
+from qloader.core.locks import OwnerLock
 from qloader.core.names import TOKENIZER_FILES
 from qloader.core.permissions import follow_umask
 from qloader.core.units import mib
 
 log = logging.getLogger("qloader")
+SAVING = ".saving-"
+"""In a save's temp folder name, `.<save.dir name>.pid<pid>-<start>.saving-<random>`, beside save.dir."""
 
 
 def check_save_fields(save: DictConfig) -> list[str]:
@@ -41,7 +44,43 @@ def save_loaded_model(model, quantization_config, source: Path, save: DictConfig
         raise ConfigError([f"save.enabled=true: {why}; load without saving (save.enabled=false)"])
     if method is not None and (note := method.save_note(model)):
         log.info("save: %s", note)
-    return save_checkpoint(model, source, save)
+    from safetensors import SafetensorError
+
+    try:
+        return save_checkpoint(model, source, save)
+    except (OSError, SafetensorError) as e:  # a full disk, a file size limit: the temp folder is gone already
+        raise OutputError(write_failure(save, e)) from e
+
+
+def write_failure(save: DictConfig, error: Exception) -> str:
+    """One line for a save that the file system stopped: the cause (errno) and what to change."""
+    import errno
+    import re
+
+    code = getattr(error, "errno", None)
+    if code is None and (found := re.search(r"os error (\d+)", str(error))):  # safetensors' Rust I/O error
+        code = int(found[1])
+    cause = f"{errno.errorcode.get(code, code)}: {os.strerror(code)}" if code else f"{type(error).__name__}: {error}"
+    if code == errno.EFBIG:
+        fix = "a file size limit (ulimit -f) stopped it; raise the limit, or set save.max_shard_size below it"
+    elif code in (errno.ENOTEMPTY, errno.EEXIST):
+        fix = "another writer filled it meanwhile; choose another save.dir"
+    else:
+        fix = "free some space or choose another save.dir"
+    return f"save.dir '{save.dir}': writing the checkpoint failed ({cause}); nothing was written there; {fix}"
+
+
+def lock_save_dir(save: DictConfig) -> OwnerLock:
+    """One writer per save.dir: a lock file beside it (`<save.dir>.lock`) from before loading until the run ends,
+    so that a second run saving there is refused up front, naming the first (qloader.core.locks.OwnerLock)."""
+    from qloader.core.errors import ConfigError
+
+    target = Path(save.dir).expanduser().resolve()
+    lock = OwnerLock(target, "save.dir", "wait for that run to finish, or choose another save.dir").acquire()
+    if problems := check_save_fields(save):  # a run that held the lock may have filled save.dir meanwhile
+        lock.release()
+        raise ConfigError(problems)
+    return lock
 
 
 def save_checkpoint(model, source: Path, save: DictConfig) -> Checkpoint:
@@ -49,9 +88,13 @@ def save_checkpoint(model, source: Path, save: DictConfig) -> Checkpoint:
 
     The folder and its files get the modes the user's umask gives (mkdtemp alone would make them private).
     """
+    from qloader.core.cache import owner_tag
+
     target = Path(save.dir).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    remove_dead_saves(target.parent)
+    # the owner's pid and start time in the name: a later save can tell it was abandoned (`remove_dead_saves`)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{owner_tag()}{SAVING}", dir=target.parent))
     try:
         model.save_pretrained(tmp, max_shard_size=save.max_shard_size)
         for name in TOKENIZER_FILES:
@@ -64,9 +107,21 @@ def save_checkpoint(model, source: Path, save: DictConfig) -> Checkpoint:
     return inspect_checkpoint(target)
 
 
+def remove_dead_saves(parent: Path) -> list[Path]:
+    """Temp folders of saves into `parent` whose process died mid-write (kill -9, the OOM killer): removed,
+    with one warning. A save that is still running keeps its own."""
+    from qloader.core.cache import remove_dead_temps
+
+    if not parent.is_dir():
+        return []
+    return remove_dead_temps([p for p in parent.glob(f".*{SAVING}*") if p.is_dir()], "save temp folder(s)")
+
+
 def check_save_target(save: DictConfig) -> None:
-    """save.dir must be creatable and writable: known before any work, not after the whole load."""
+    """save.dir must be creatable and writable: known before any work, not after the whole load. Temp
+    folders that killed saves left beside it are removed first: they may hold the space this save needs."""
     target = Path(save.dir).expanduser().absolute()
+    remove_dead_saves(target.parent)
     try:
         check_writable_dir(target, "save.dir")
     except OutputError as e:

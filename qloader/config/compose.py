@@ -110,7 +110,7 @@ def omegaconf_error(error: Exception) -> str:
 def composition_error(error: Exception) -> str:
     """A Hydra composition error as one line (an override's OmegaConf error, a missing option, a parse error)."""
     if error.__cause__ is not None and getattr(error.__cause__, "full_key", None):
-        return omegaconf_error(error.__cause__)
+        return omegaconf_error(error.__cause__) + _append_hint(error)
     text = str(error).split("Config search path:")[0]
     head, found, options = text.partition("Available options in")
     if found:
@@ -118,3 +118,15 @@ def composition_error(error: Exception) -> str:
         return f"{head.strip()}; available options in {group.strip()}: {', '.join(names.split())}"
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("See https://")]
     return "; ".join(lines)
+
+
+def _append_hint(error: Exception) -> str:
+    """A key new to a free-form mapping (`device_map.modules`, `device_map.max_memory`) needs Hydra's `+`: Hydra's
+    own hint, which OmegaConf's line leaves out. A schema field (a typo) gets the did-you-mean instead."""
+    import dataclasses
+
+    appended = str(error).partition("To append to your config use ")[2].strip()
+    schema = getattr(error.__cause__, "object_type", None)
+    if not appended or (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        return ""
+    return f"; a key that is not there yet needs a leading +: {appended}"

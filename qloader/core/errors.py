@@ -64,12 +64,17 @@ class OutputError(QloaderError):
 
 
 class RunDirInUseError(OutputError):
-    """The run dir already holds a manifest.json, another run's record, which is never overwritten."""
+    """The run (or sweep) dir already holds another run's record (manifest.json, .hydra/): never written over."""
+
+
+class ProcessDied(QloaderError):
+    """Recorded, not raised: a run's process ended without recording its end (SIGKILL, the OOM killer); whoever
+    reads its `running` record next (a sweep, qloader-report, replay, the next run into that dir) marks it `killed`."""
 
 
 class RunKilled(KeyboardInterrupt):
     """A termination signal (SIGTERM) arrived during a run; recorded like Ctrl-C, as `status: killed`."""
 
-    def __init__(self, signal_name: str):
+    def __init__(self, signal_name: str, reason: str | None = None):
         self.signal_name = signal_name
-        super().__init__(f"received {signal_name}")
+        super().__init__(reason or f"received {signal_name}")

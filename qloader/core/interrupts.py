@@ -7,6 +7,7 @@ interrupt twice. A repeat arriving while the first is being recorded must not cu
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from contextlib import contextmanager
 from qloader.core.errors import RunKilled
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+_stop_reason: str | None = None
+"""Why this process sent itself SIGTERM (`stop_this_process`), for the `killed` record."""
 
 
 def signal_name(interrupt: BaseException) -> str:
@@ -38,9 +41,16 @@ def _interrupt_once():
         interrupted = True
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        raise RunKilled(signal.Signals(signum).name)
+        raise RunKilled(signal.Signals(signum).name, _stop_reason)
 
     return interrupt
+
+
+def stop_this_process(reason: str) -> None:
+    """End this process's run as SIGTERM does (a `killed` record naming the stage), with `reason` as its message."""
+    global _stop_reason
+    _stop_reason = reason
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 @contextmanager

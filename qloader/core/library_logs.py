@@ -11,6 +11,7 @@ every other library's, reach the terminal as before.
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -64,6 +65,45 @@ def library_records_to(log_path: Path) -> Iterator[None]:
 
         warnings.showwarning = show
         yield
+
+
+OWN_LOGGER = "qloader"
+
+
+class ConsoleFormatter(logging.Formatter):
+    """qloader's own records as `qloader: warning: ...`, beside its `qloader: error: ...` lines (info as
+    `qloader: ...`); any other logger's in Hydra's format. conf/config.yaml gives it to Hydra's console handler."""
+
+    def __init__(self) -> None:
+        super().__init__(FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name != OWN_LOGGER and not record.name.startswith(f"{OWN_LOGGER}."):
+            return super().format(record)
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"{OWN_LOGGER}: {level}{record.getMessage()}"
+
+
+@contextmanager
+def own_records_to(log_path: Path) -> Iterator[None]:
+    """Where nothing configured logging (`qloader.load` in a script, a sweep job's own process), qloader's records
+    print on stderr as under the CLI and go to the run's log; where something did (Hydra, pytest, a user), its
+    handlers take them as before."""
+    logger = logging.getLogger(OWN_LOGGER)
+    if logger.hasHandlers():
+        yield
+        return
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(ConsoleFormatter())
+    handlers = [console, *filter(None, [_file_handler(log_path)])]
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
 
 
 def _file_handler(log_path: Path) -> logging.Handler | None:

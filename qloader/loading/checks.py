@@ -35,22 +35,53 @@ def check_config(cfg: DictConfig) -> None:
         checkpoint_writer.check_save_target(cfg.save)
 
 
+def check_model_size(hf_config, checkpoint: Checkpoint, device_map: DictConfig) -> None:
+    """Meta-free, before any skeleton is built (building one is what a hostile layer count costs): the layers
+    config.json declares against those the shards' headers hold, and the size it implies against this host."""
+    from pathlib import Path
+
+    from qloader.checkpoint import config_files
+    from qloader.measure.environment import check_host_capacity
+
+    config_json = checkpoint.path / "config.json"
+    declared = config_files.declared_layers(hf_config)
+    config_files.check_layer_count(declared, checkpoint.shapes, config_json)
+    parameters = config_files.implied_parameters(max(declared.values(), default=0), checkpoint.shapes)
+    disk = Path(device_map.offload_folder).expanduser().absolute() if device_map.offload_folder else checkpoint.path
+    check_host_capacity(parameters, disk, str(config_json))
+
+
 def check_cuda_request(device_map: DictConfig) -> int:
     """The CUDA devices the device map asks for must be here; returns how many this host has."""
     import torch
 
-    asked = devices.cuda_devices_asked(devices.device_map_request(device_map), devices.max_memory_request(device_map))
+    settings = devices.cuda_settings(device_map)
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if asked and not available:
+    if settings and not available:
         raise EnvironmentMismatchError(
-            f"device_map '{device_map.strategy}' asks for CUDA, but this host has no CUDA device "
-            f"(torch {torch.__version__}); use device_map=cpu or device_map=auto"
+            f"{' and '.join(settings)} {'asks' if len(settings) == 1 else 'ask'} for CUDA, but this host has no CUDA "
+            f"device (torch {torch.__version__}); {_cpu_instead(settings)}"
         )
-    if asked and max(asked) >= available:
+    if beyond := {setting: index for setting, index in settings.items() if index >= available}:
         raise EnvironmentMismatchError(
-            f"device_map asks for cuda:{max(asked)}, but this host has {available} CUDA device(s)"
+            f"{' and '.join(beyond)} {'asks' if len(beyond) == 1 else 'ask'} for cuda:{max(beyond.values())}, but "
+            f"this host has {available} CUDA device(s) (cuda:0 … cuda:{available - 1})"
         )
     return available
+
+
+def _cpu_instead(settings: dict[str, int]) -> str:
+    """The fix for each kind of setting that asked for a GPU on a host without one."""
+    fixes = []
+    if any(s.startswith("device_map '") for s in settings):
+        fixes.append("use device_map=cpu or device_map=auto")
+    if any(s.startswith("device_map.modules") for s in settings):
+        fixes.append("place those modules on cpu in device_map.modules, or use device_map=auto")
+    for setting in settings:
+        if setting.startswith("device_map.max_memory."):
+            key = setting.split("=", 1)[0]
+            fixes.append(f"drop that GPU budget ({key}=null) and budget the CPU with device_map.max_memory.cpu=SIZE")
+    return "; ".join(fixes)
 
 
 def check_pinned_hashes(expected: dict, checkpoint: Checkpoint) -> None:

@@ -30,6 +30,8 @@ class LoadContext:
     quantization: Quantization = field(default_factory=Quantization)
     """The merged quantization config, its plug-in, and what decided them (`qloader.quant.lifecycle`)."""
     dtype: Any = None
+    save_lock: Any = None
+    """With save.enabled: the lock on save.dir (`qloader.core.locks.OwnerLock`), held until the run ends."""
     # instantiate
     quantizer: Any = None
     # validate

@@ -9,6 +9,7 @@ API lives in this module; the supported transformers range is pinned in pyprojec
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from transformers.utils import ContextManagers
 from transformers.utils import logging as hf_logging
 from transformers.utils.loading_report import LoadStateDictInfo
 
+from qloader.checkpoint import config_files
 from qloader.checkpoint.reader import Checkpoint
 from qloader.core.errors import CheckpointError, ConfigError
 from qloader.core.names import FALLBACK_TASK
@@ -186,13 +188,37 @@ def causal_lm_class(config: PreTrainedConfig, trust_remote_code: bool = False) -
 
 
 def read_config(path: Path, trust_remote_code: bool) -> PreTrainedConfig:
-    """config.json as `AutoConfig` reads it; unreadable or invalid is one CheckpointError naming the file."""
+    """config.json as `AutoConfig` reads it; unreadable or invalid is one CheckpointError naming the file (and the
+    field: its integer fields and quantization_config are checked first, qloader.checkpoint.config_files)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
+    config_json = path / "config.json"
+    config_files.check_config_fields(config_files.read_json_object(config_json), config_json)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+        raise CheckpointError(f"{config_json}: {e}") from e
+    except (TypeError, AttributeError, RecursionError, StrictDataclassError) as e:  # a field transformers refused
+        reason = " ".join(str(e).split())
+        raise CheckpointError(f"{config_json}: {type(e).__name__}: {reason}; {config_files.RESTORE}") from e
+
+
+def check_generation_config(path: Path, model_cls: type[PreTrainedModel]) -> None:
+    """generation_config.json as `postprocess` will read it (a model that generates), read now: a damaged one
+    fails here, in one line naming it, not after the whole load."""
+    from transformers import GenerationConfig
+
+    file = path / "generation_config.json"
+    if not file.is_file() or not model_cls.can_generate():
+        return
+    config_files.read_json_object(file)
+    try:
+        with warnings.catch_warnings():  # what it warns about, postprocess warns about once more
+            warnings.simplefilter("ignore")
+            GenerationConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, TypeError, AttributeError) as e:  # OSError: postprocess goes on without it
+        raise CheckpointError(f"{file}: {type(e).__name__}: {' '.join(str(e).split())}") from e
 
 
 @contextmanager
@@ -448,7 +474,9 @@ def finalize(
             trust_remote_code=False,
         )
     device_map = load_config.device_map
-    if device_map is not None and len(set(device_map.values())) > 1:
+    # as from_pretrained: hooks for a map over several devices, or with modules on disk (a hook loads each
+    # offloaded weight for its module's forward)
+    if device_map is not None and (len(set(device_map.values())) > 1 or "disk" in device_map.values()):
         accelerate_dispatch(model, quantizer, device_map, load_config.disk_offload_folder, offload_index, False)
     if quantizer is not None:
         model.hf_quantizer = quantizer
@@ -462,3 +490,31 @@ def offloaded_weights(load_config: LoadStateDictConfig, offload_index: dict | No
     from accelerate.utils import OffloadedWeightsLoader
 
     return OffloadedWeightsLoader(save_folder=load_config.disk_offload_folder, index=offload_index)
+
+
+def stranded_on_meta(model: PreTrainedModel) -> list[str]:
+    """Parameters and buffers on the meta device that no accelerate hook loads for the forward pass: they hold no
+    value anywhere, so the model cannot run. An offloaded weight is on meta too, but its module's hook reads it."""
+    keys: dict[int, set[str]] = {}  # the offload maps' keys, read once per map
+    stranded = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.device.type == "meta" and not _hook_loads(model, name, keys):
+            stranded.append(name)
+    return stranded
+
+
+def _hook_loads(model: PreTrainedModel, name: str, keys: dict[int, set[str]]) -> bool:
+    """An offloading AlignDevicesHook on the tensor's module whose weights map holds it (accelerate keys the map
+    by the full name; the hook sees it through a PrefixedDataset of the module's name)."""
+    module_name, _, leaf = name.rpartition(".")
+    hook = getattr(model.get_submodule(module_name), "_hf_hook", None)
+    for one in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        weights = getattr(one, "weights_map", None)
+        if not getattr(one, "offload", False) or weights is None:
+            continue
+        prefix, source = getattr(weights, "prefix", ""), getattr(weights, "dataset", weights)
+        if id(source) not in keys:
+            keys[id(source)] = set(source)
+        if prefix + leaf in keys[id(source)]:
+            return True
+    return False

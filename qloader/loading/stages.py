@@ -32,20 +32,34 @@ __all__ = ["STAGE_NAMES", "LoadContext", "stages_for"]
 
 def resolve(ctx: LoadContext) -> LoadContext:
     """Composed config -> checkpoint folder, transformers config, model class, quantization (merged if
-    pre-quantized), dtype."""
+    pre-quantized), dtype. A run that saves locks save.dir first, until the run ends (released here if
+    resolve fails), so a second writer is refused before any work."""
+    checks.check_config(ctx.cfg)
+    saving = ctx.cfg.save.enabled and ctx.cfg.mode != "plan"
+    save_lock = checkpoint_writer.lock_save_dir(ctx.cfg.save) if saving else None
+    try:
+        return _resolve_model(ctx).next(save_lock=save_lock)
+    except BaseException:
+        if save_lock is not None:
+            save_lock.release()
+        raise
+
+
+def _resolve_model(ctx: LoadContext) -> LoadContext:
     from qloader.loading import hf_loading
 
-    checks.check_config(ctx.cfg)
     check_backend(ctx.cfg.quant)
     checkpoint = _inspect(ctx.cfg.model, hash_files=ctx.cfg.mode != "plan")
     hf_config = hf_loading.read_config(checkpoint.path, ctx.cfg.model.trust_remote_code)
+    checks.check_model_size(hf_config, checkpoint, ctx.cfg.device_map)  # before anything the size costs is built
     choice = hf_loading.model_class(hf_config, ctx.cfg.model.task, ctx.cfg.model.trust_remote_code)
     if choice.disagreement:
         log.warning("%s", choice.disagreement)
+    hf_loading.check_generation_config(checkpoint.path, choice.cls)
     if ctx.cfg.probe.enabled:
         from qloader.probe.fidelity import check_probe_task
 
-        check_probe_task(choice)
+        check_probe_task(choice, checkpoint.path)
     device = devices.weights_device(ctx.cfg.device_map)
     quantization = lifecycle.resolve_quantization(ctx.cfg.quant, device, hf_config, checkpoint.path / "config.json")
     dtype = hf_loading.resolve_dtype(dtype_name(ctx.cfg.dtype.name), checkpoint, hf_config)
@@ -83,7 +97,7 @@ def validate(ctx: LoadContext) -> LoadContext:
     request = devices.device_map_request(ctx.cfg.device_map)
     lifecycle.check_host(ctx.quantization, cuda_devices)
     environment.check_versions(None if ctx.method is None else ctx.method.versions)
-    lifecycle.validate_quantizer(ctx.quantization, ctx.quantizer, request)
+    lifecycle.validate_quantizer(ctx.quantization, ctx.quantizer, devices.quantizer_request(request))
     checks.check_pinned_hashes(ctx.cfg.model.get("expected_sha256") or {}, ctx.checkpoint)
     return ctx.next(environment=environment.check_memory(ctx.checkpoint))
 
@@ -97,8 +111,19 @@ def device_map(ctx: LoadContext) -> LoadContext:
     request = lifecycle.update_device_map(ctx.quantizer, request)
     offload_folder = devices.offload_folder(ctx.cfg.device_map, ctx.checkpoint.path)
     if isinstance(request, dict):
+        _refuse_disk_offload(ctx, request, request)
         devices.check_disk(request, offload_folder, f"device_map.modules {request}")
-        return ctx.next(device_map_request=request, device_map=request, offload_folder=offload_folder)
+        skeleton = {}
+        if ctx.cfg.device_map.strategy == "explicit":  # the names are checked against the model's modules
+            model, source = hf_loading.build_skeleton(
+                ctx.model_choice.cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.checkpoint
+            )
+            devices.check_module_names(request, model)
+            skeleton = {"model": model, "source": source}
+        final = devices.expand_default(request, skeleton["model"]) if skeleton else request
+        if devices.on_disk(final):  # transformers' check of the map, deferred from `validate`
+            lifecycle.validate_device_map(ctx.quantizer, request, final, ctx.quantization)
+        return ctx.next(device_map_request=request, device_map=final, offload_folder=offload_folder, **skeleton)
     # Sizing needs the quantized skeleton (4-bit modules weigh half a byte per weight): build it on
     # the meta device here; `preprocess` goes on with it.
     sizing, source = hf_loading.build_skeleton(
@@ -108,11 +133,25 @@ def device_map(ctx: LoadContext) -> LoadContext:
     final = hf_loading.infer_device_map(sizing, request, max_memory, ctx.quantizer)
     if (on_disk := devices.on_disk(final)) and offload_folder is None:
         need = estimate(sizing, {"": "cpu"}, 0, None, ctx.method, ctx.quantizer).footprint_bytes
-        raise DeviceMapError(devices.does_not_fit(need, request, max_memory, on_disk))
-    lifecycle.validate_device_map(ctx.quantizer, request, final)
+        refusal = lifecycle.disk_offload_refusal(ctx.quantization, request)
+        raise DeviceMapError(devices.does_not_fit(need, request, max_memory, on_disk, refusal))
+    _refuse_disk_offload(ctx, request, final, sizing)
+    lifecycle.validate_device_map(ctx.quantizer, request, final, ctx.quantization)
     return ctx.next(
         device_map_request=request, device_map=final, offload_folder=offload_folder, model=sizing, source=source
     )
+
+
+def _refuse_disk_offload(ctx: LoadContext, request, final: dict, sizing=None) -> None:
+    """Modules on disk with a method that cannot offload them: one DeviceMapError, before any shard is read."""
+    from qloader.measure.plan import estimate
+
+    placed = devices.on_disk(final)
+    if not placed or (refusal := lifecycle.disk_offload_refusal(ctx.quantization, request)) is None:
+        return
+    need = 0 if sizing is None else estimate(sizing, {"": "cpu"}, 0, None, ctx.method, ctx.quantizer).footprint_bytes
+    max_memory = devices.max_memory_request(ctx.cfg.device_map)
+    raise DeviceMapError(devices.cannot_offload(refusal, request, max_memory, placed, need))
 
 
 def preprocess(ctx: LoadContext) -> LoadContext:
@@ -143,8 +182,37 @@ def preprocess(ctx: LoadContext) -> LoadContext:
     )
     if ctx.cfg.save.enabled and ctx.cfg.mode != "plan":
         checkpoint_writer.check_save_space(ctx.cfg.save, plan.footprint_bytes)
-    warnings = ctx.warnings + _forward_limit(ctx, model)
+    unmatched = _logged(lifecycle.unmatched_module_names(ctx.quantization, model))
+    warnings = ctx.warnings + _forward_limit(ctx, model) + unmatched
+    if ctx.cfg.mode == "plan" and not any(e.quantized_bytes for e in plan.devices.values()):
+        warnings += _nothing_quantized(ctx, model, plan.kept, planned=True)
     return ctx.next(model=model, source=source, load_config=load_config, plan=plan, warnings=warnings)
+
+
+def _logged(lines: list[str]) -> tuple[str, ...]:
+    for line in lines:
+        log.warning("%s", line)
+    return tuple(lines)
+
+
+def _nothing_quantized(ctx: LoadContext, model, kept: list, planned: bool = False) -> tuple[str, ...]:
+    """A load that asked for quantization and quantized no module: its footprint is the unquantized one. One
+    warning, saying why when the plug-in can tell (else what stayed, with the inventory's reasons)."""
+    if ctx.method is None or ctx.pre_quantized:
+        return ()
+    from qloader.quant.merge import describe
+
+    why = ctx.method.nothing_quantized(ctx.quantizer, model)
+    if why is None:
+        more = f"; {len(kept) - 3} more" if len(kept) > 3 else ""
+        why = "kept: " + "; ".join(group.describe() for group in kept[:3]) + more
+    did = "would leave every layer as it is" if planned else "left every layer as it was"
+    return _logged(
+        [
+            f"nothing {'would be' if planned else 'was'} quantized: {describe(ctx.quantization_config)} {did}, so the "
+            f"footprint is the unquantized one; {why}"
+        ]
+    )
 
 
 def _forward_limit(ctx: LoadContext, model) -> tuple[str, ...]:
@@ -203,15 +271,42 @@ def postprocess(ctx: LoadContext) -> LoadContext:
             f"({integrity.listing(info.unexpected_keys)})"
         )
         raise CheckpointMismatchError(_with_task_hint(message, ctx))
+    if stranded := hf_loading.stranded_on_meta(ctx.model):
+        raise LoadError(_stranded_message(ctx, stranded))
     offloaded = hf_loading.offloaded_weights(ctx.load_config, ctx.offload_index)
     storage = None if ctx.method is None else ctx.method.storage_tensors
     finite_check = integrity.check_finite(
         ctx.model, ctx.cfg.validate, ctx.checkpoint.path, ctx.checkpoint.parameters, offloaded, storage
     )
+    trust_cache = not ctx.cfg.model.get("verify_hashes", False)  # verify_hashes: no digest from any cache
     inventory = take_inventory(
-        ctx.model, info, offloaded, ctx.cfg.validate.fingerprint, ctx.method, ctx.source.parameters, ctx.quantizer
+        ctx.model,
+        info,
+        offloaded,
+        ctx.cfg.validate.fingerprint,
+        ctx.method,
+        ctx.source.parameters,
+        ctx.quantizer,
+        trust_cache,
     )
-    return ctx.next(finite_check=finite_check, inventory=inventory)
+    warnings = ctx.warnings
+    if inventory.quantized_count == 0:
+        warnings += _nothing_quantized(ctx, ctx.model, inventory.kept)
+    return ctx.next(finite_check=finite_check, inventory=inventory, warnings=warnings)
+
+
+def _stranded_message(ctx: LoadContext, stranded: list[str]) -> str:
+    """Weights left on the meta device with nothing to load them: a model that cannot run is never a success."""
+    way_out = ""
+    if devices.on_disk(ctx.device_map or {}):
+        way_out = (
+            "; load it with every module in memory (raise device_map.max_memory, or map the disk entries of "
+            "device_map.modules to cpu)"
+        )
+    return (
+        f"{ctx.checkpoint.path}: after loading, {len(stranded)} weight(s) hold no value (on the meta device, and no "
+        f"offload hook loads them): {integrity.listing(stranded)}; the model cannot run a forward pass{way_out}"
+    )
 
 
 def save(ctx: LoadContext) -> LoadContext:

@@ -108,3 +108,34 @@ def check_memory(checkpoint: Checkpoint) -> dict:
             f"but only {available} bytes of memory are available"
         )
     return facts
+
+
+def check_host_capacity(parameters: int, disk: Path, what: str) -> None:
+    """A model whose weights, at one bit each (less than any method stores), exceed this host's memory, GPU memory
+    and free disk together can never load: refused from the parameter count alone, before anything is built."""
+    import shutil
+
+    from qloader.core.files import existing_ancestor
+
+    ram = _meminfo("MemTotal") or 0
+    gpu = sum(g["memory_bytes"] for g in _gpus())
+    folder = existing_ancestor(disk)
+    free = shutil.disk_usage(folder).free
+    need = parameters // 8
+    if need <= ram + gpu + free:
+        return
+    gpus = f", {_size(gpu)} of GPU memory" if gpu else ""
+    raise EnvironmentMismatchError(
+        f"{what} describes a model of about {parameters:,} parameters: at least {_size(need)} even at one bit per "
+        f"parameter (less than any quantization stores), but this host has {_size(ram)} of memory{gpus} and "
+        f"{_size(free)} free on disk at '{folder}'; load it on a larger host, or give device_map.offload_folder a "
+        "disk with room"
+    )
+
+
+def _size(n: int) -> str:
+    """GiB, or MiB / KiB for what is smaller."""
+    unit, scale = next(
+        (u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1)) if n >= s or s == 1
+    )
+    return f"{n / scale:,.1f} {unit}"

@@ -5,7 +5,8 @@ them reads every byte again (most of the load's time). When qloader can prove th
 memory *is* a byte range of a shard whose sha256 it already holds (the mapping is of that file,
 unchanged since it was hashed, and holds no privately written page), the tensor's sha256 is taken
 from a cache keyed by (file sha256, offset, length): content-addressed, so it is the same digest
-the bytes would give, and it cannot outlive a changed byte.
+the bytes would give, and it cannot outlive a changed byte. Each digest carries a checksum: one
+damaged in the cache file is dropped and the bytes are hashed, never used.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import hashlib
-import json
 import os
 import threading
 from collections.abc import Mapping
@@ -67,33 +67,59 @@ def mapped_shards(smaps: str | None = None, hashes: Mapping[str, dict] | None = 
 
 
 def _verified_region(fields: list[str], hashes: Mapping[str, dict]) -> FileRegion | None:
+    from qloader.core.cache import file_identity
+
     path = " ".join(fields[5:])
     entry = hashes.get(path)
     try:
         stat = os.stat(path)
     except OSError:
         return None
-    if not entry or entry.get("size") != stat.st_size or entry.get("mtime_ns") != stat.st_mtime_ns:
-        return None
+    if not entry or any(entry.get(name) != value for name, value in file_identity(stat).items()):
+        return None  # changed since it was hashed (a write moves the ctime, even if the mtime is put back)
     if int(fields[4]) != stat.st_ino or not fields[1].startswith("r"):
         return None
     start, end = (int(x, 16) for x in fields[0].split("-"))
     return FileRegion(start, end, int(fields[2], 16), entry["sha256"])
 
 
-class RegionHashes:
-    """sha256 of file byte ranges, keyed by the file's sha256, offset and length; kept in qloader's cache."""
+def read_region_cache(path: Path) -> tuple[dict[str, dict], bool]:
+    """The entries of `region-sha256.json` whose shape and checksum hold, and whether the file was sound.
 
-    def __init__(self, path: Path | None, regions: list[FileRegion]):
+    Each entry is `"<file sha256>:<offset>:<length>": {"sha256": digest, "check": checksum}`; a digest that
+    was damaged or edited no longer matches its checksum and is dropped, so it is never used: the bytes
+    are hashed instead. Anything else (not JSON, `[]`, a folder in its place) is one warning, and rewritten.
+    """
+    from qloader.core.cache import read_json_entries
+
+    action = "ignoring it, those tensors are hashed from their bytes"
+    return read_json_entries(path, "region digest cache", _region_entry_ok, action)
+
+
+def _region_entry_ok(key: str, entry: object) -> bool:
+    """{"sha256": 64 hex digits, "check": the entry's checksum}."""
+    from qloader.core.cache import entry_check, is_sha256
+
+    if not isinstance(entry, dict) or set(entry) != {"sha256", "check"}:
+        return False
+    return is_sha256(entry["sha256"]) and entry["check"] == entry_check(key, entry)
+
+
+class RegionHashes:
+    """sha256 of file byte ranges, keyed by the file's sha256, offset and length; kept in qloader's cache.
+
+    `trust=False` (model.verify_hashes=true) reads no digest from the cache: every tensor is hashed from its
+    bytes, and the cache is rewritten with what they give.
+    """
+
+    def __init__(self, path: Path | None, regions: list[FileRegion], trust: bool = True):
         self.path, self.regions, self.starts = path, regions, [r.start for r in regions]
-        self.entries: dict[str, str] = {}
-        self.added = 0
+        self.entries: dict[str, dict] = {}
+        self.trust, self.added, self.rewrite = trust, 0, False
         self.lock = threading.Lock()
         if path is not None and regions:
-            try:
-                self.entries = json.loads(path.read_text())
-            except (OSError, ValueError):
-                self.entries = {}
+            self.entries, well_formed = read_region_cache(path)
+            self.rewrite = not well_formed
 
     def key(self, tensor: torch.Tensor) -> str | None:
         """The cache key of a tensor that is exactly a byte range of a verified mapping; None otherwise."""
@@ -110,18 +136,21 @@ class RegionHashes:
         return f"{region.sha256}:{start - region.start + region.offset}:{end - start}"
 
     def sha256(self, tensor: torch.Tensor, data) -> str:
+        from qloader.core.cache import entry_check
+
         key = self.key(tensor)
-        if key is not None and (digest := self.entries.get(key)):
-            return digest
+        if key is not None and self.trust and (entry := self.entries.get(key)):
+            return entry["sha256"]
         digest = hashlib.sha256(data).hexdigest()
         if key is not None:
+            entry = {"sha256": digest}
             with self.lock:
-                self.entries[key] = digest
+                self.entries[key] = {**entry, "check": entry_check(key, entry)}
                 self.added += 1
         return digest
 
     def save(self) -> None:
-        if self.added and self.path is not None:
+        if (self.added or self.rewrite) and self.path is not None:
             from qloader.core.files import write_json_atomic
 
             with contextlib.suppress(OSError):  # a cache that cannot be written only costs time next run
@@ -145,7 +174,10 @@ def _entry(name: str, tensor: torch.Tensor, regions: RegionHashes) -> str:
 
 
 def weights_fingerprint(
-    model: nn.Module, offloaded: Mapping[str, torch.Tensor] | None = None, reuse_file_hashes: bool = True
+    model: nn.Module,
+    offloaded: Mapping[str, torch.Tensor] | None = None,
+    reuse_file_hashes: bool = True,
+    trust_cache: bool = True,
 ) -> str:
     """sha256 over one line per state_dict entry, sorted by name: name, dtype, shape, sha256 of the bytes.
 
@@ -156,6 +188,7 @@ def weights_fingerprint(
     Weights offloaded to disk (on the meta device in the model) are read from `offloaded`.
     A tensor that is provably a byte range of an already-hashed shard takes its digest from the region
     cache (see the module docstring); the digest, and so the fingerprint, is the same either way.
+    `trust_cache=False` (model.verify_hashes=true) hashes every tensor and rewrites the region cache.
     Entries are hashed on every core at once: hashlib releases the GIL while it hashes.
     """
     from qloader.core.cache import cache_dir
@@ -163,7 +196,9 @@ def weights_fingerprint(
     entries = sorted(model.state_dict().items())
     if offloaded is not None:
         entries = [(n, offloaded[n] if t.device.type == "meta" else t) for n, t in entries]
-    regions = RegionHashes(cache_dir() / "region-sha256.json", mapped_shards() if reuse_file_hashes else [])
+    regions = RegionHashes(
+        cache_dir() / "region-sha256.json", mapped_shards() if reuse_file_hashes else [], trust=trust_cache
+    )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=cores) as pool:
         lines = list(pool.map(lambda entry: _entry(*entry, regions), entries))

@@ -37,6 +37,8 @@ class Inventory:
     footprint_bytes: int
     """The storage of parameters, buffers and quant state (absmax, scales, SCB, inner tensors of tensor
     subclasses), each storage counted once."""
+    footprint_devices: dict[str, int]
+    """`footprint_bytes` by device ('cpu', 'cuda:0', 'disk' for weights offloaded to disk)."""
     parameters: int
     """Logical parameter count, tied weights once: as the model is defined, whatever its storage."""
     stored_elements: int
@@ -70,18 +72,28 @@ def storage_tensors(model: nn.Module, method: QuantMethod | None):
             yield from method.storage_tensors(tensor)
 
 
-def footprint_bytes(model: nn.Module, method: QuantMethod | None = None) -> int:
-    """Real storage bytes: measured on the plain tensors, never on a tensor subclass's outer shape."""
+def footprint_devices(model: nn.Module, method: QuantMethod | None = None) -> dict[str, int]:
+    """Real storage bytes per device, measured on the plain tensors, never on a tensor subclass's outer shape. A
+    weight offloaded to disk is on the meta device in the model (its hook reads it from disk for each forward):
+    it counts under 'disk', at its size there."""
     seen: set[tuple[str, int]] = set()
-    total = 0
+    totals: dict[str, int] = {}
     for tensor in storage_tensors(model, method):
-        if tensor.device.type == "meta":  # offloaded to disk: holds no memory
-            continue
-        key = (str(tensor.device), tensor.untyped_storage().data_ptr())
+        if tensor.device.type == "meta":
+            device, key, size = "disk", ("disk", id(tensor)), tensor.numel() * tensor.element_size()
+        else:
+            storage = tensor.untyped_storage()
+            device, size = str(tensor.device), storage.nbytes()
+            key = (device, storage.data_ptr())
         if key not in seen:
             seen.add(key)
-            total += tensor.untyped_storage().nbytes()
-    return total
+            totals[device] = totals.get(device, 0) + size
+    return totals
+
+
+def footprint_bytes(model: nn.Module, method: QuantMethod | None = None) -> int:
+    """Real storage bytes, wherever the weights are (memory or disk)."""
+    return sum(footprint_devices(model, method).values())
 
 
 def _quantized_class(module: nn.Module, method: QuantMethod | None) -> str | None:
@@ -156,18 +168,22 @@ def take_inventory(
     method: QuantMethod | None = None,
     parameters: int | None = None,
     quantizer: Any = None,
+    trust_cache: bool = True,
 ) -> Inventory:
-    """`parameters`: the logical count (hf_loading.SourceFacts); by default the stored elements."""
+    """`parameters`: the logical count (hf_loading.SourceFacts); by default the stored elements.
+    `trust_cache=False` (model.verify_hashes=true): the fingerprint takes no digest from the region cache."""
     from qloader.measure.fingerprint import weights_fingerprint
 
     kinds = {name: _quantized_class(m, method) for name, m in model.named_modules()}
+    devices = footprint_devices(model, method)
     skipped = [name for name, m in model.named_modules() if type(m) is nn.Linear and kinds[name] is None]
     stored = sum(p.numel() for p in model.parameters())
     kept = kept_groups(model, lambda name, m: kinds[name] is not None, method, quantizer)
     parameters = stored if parameters is None else parameters
     return Inventory(
         model_class=type(model).__name__,
-        footprint_bytes=footprint_bytes(model, method),
+        footprint_bytes=sum(devices.values()),
+        footprint_devices=devices,
         parameters=parameters,
         stored_elements=stored,
         quantized_parameters=_quantized_parameters(model, kinds, parameters) if method else 0,
@@ -176,7 +192,7 @@ def take_inventory(
         skipped_modules=skipped,
         missing_keys=sorted(loading_info.missing_keys),
         unexpected_keys=sorted(loading_info.unexpected_keys),
-        weights_fingerprint=weights_fingerprint(model, offloaded) if fingerprint else None,
+        weights_fingerprint=weights_fingerprint(model, offloaded, trust_cache=trust_cache) if fingerprint else None,
     )
 
 

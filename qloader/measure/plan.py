@@ -85,6 +85,12 @@ def device_of(name: str, device_map: dict) -> str:
     return str(device_map.get(best, "cpu"))
 
 
+def execution_device(device_map: dict) -> str:
+    """Where modules offloaded to disk run, as accelerate's `dispatch_model` picks it: the first device of the map
+    that is neither 'cpu' nor 'disk', else 'cpu'."""
+    return next((str(d) for d in device_map.values() if str(d) not in ("cpu", "disk")), "cpu")
+
+
 def budgets_in_bytes(max_memory: dict | None) -> dict[str, int]:
     """max_memory ('2GiB', 500MB, bytes) as bytes per device."""
     from accelerate.utils import convert_file_size_to_int
@@ -152,7 +158,11 @@ def estimate(
                 device.quant_state_bytes += planned.state
             else:
                 device.unquantized_bytes += param.numel() * param.element_size()
-        device.buffer_bytes += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+        buffers = sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+        if buffers:  # a module on disk keeps its buffers on the device it runs on (accelerate offloads weights)
+            placed = device_of(module_name, device_map)
+            where = execution_device(device_map) if placed == "disk" else placed
+            devices.setdefault(where, DeviceEstimate()).buffer_bytes += buffers
     footprint = sum(e.total_bytes for e in devices.values())
     placement = {module: str(device) for module, device in device_map.items()}
     budgets, sources = _budgets(max_memory, devices)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
+from pathlib import Path
 
 import torch
 
@@ -41,13 +42,23 @@ CHUNK_TOKENS = 32
 """sequence-classification: the text is cut into chunks of this many tokens, each one labelled."""
 
 
-def check_probe_task(choice) -> None:
-    """Before anything is loaded: the probe scores only the tasks it knows (hf_loading.ModelChoice)."""
+def check_probe_task(choice, folder: Path | None = None) -> None:
+    """Before anything is loaded: the probe scores only the tasks it knows (hf_loading.ModelChoice), and reads its
+    text with the checkpoint's tokenizer, which `folder` must hold."""
     if choice.task not in PROBED_TASKS:
         raise ProbeError(
             f"probe=quick cannot probe model.task {choice.task or choice.requested} ({choice.cls.__name__}): "
             f"it scores {', '.join(PROBED_TASKS)} models only; use probe=off"
         )
+    if folder is not None and not has_tokenizer(folder):
+        raise ProbeError(_no_tokenizer(folder))
+
+
+def _no_tokenizer(folder: Path) -> str:
+    return (
+        f"probe: checkpoint '{folder}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+        "the probe needs one to read its text (turn it off with probe=off)"
+    )
 
 
 def refuse_forward_limit(limit: str) -> None:
@@ -59,36 +70,78 @@ def _tokenizer(checkpoint: Checkpoint):
     from transformers import AutoTokenizer
 
     if not has_tokenizer(checkpoint.path):
-        raise ProbeError(
-            f"probe: checkpoint '{checkpoint.path}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-            "the probe needs one to read its text (turn it off with probe=off)"
-        )
+        raise ProbeError(_no_tokenizer(checkpoint.path))
     return AutoTokenizer.from_pretrained(checkpoint.path)
 
 
 def _reference_log_probs(
-    checkpoint: Checkpoint, dtype: torch.dtype, inputs: dict, auto_class: str
+    checkpoint: Checkpoint, dtype: torch.dtype, inputs: dict, auto_class: str, shape: tuple[int, ...]
 ) -> tuple[torch.Tensor, bool]:
-    """The unquantized model's log-probs on `inputs`, from the cache or a fresh process; (log-probs, cached)."""
-    from qloader.core.cache import cache_dir
+    """The unquantized model's log-probs on `inputs`, from the cache or a fresh process; (log-probs, cached).
+
+    `shape` is what the quantized model's log-probs have: a cached file that is not a float32 tensor of that
+    shape holding log-probabilities (truncated, foreign, a folder in its place) is removed with one warning
+    and computed again; temp files of a reference process that was killed are removed.
+    """
+    from qloader.core.cache import cache_dir, discard, owner_tag, remove_dead_temps, warn_damaged
 
     key = [[f.name, f.sha256] for f in checkpoint.files] + [str(dtype), auto_class]
     key += [[name, tensor.tolist()] for name, tensor in sorted(inputs.items())]
-    path = cache_dir() / "probe-reference" / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}.pt"
-    if path.is_file():
-        return torch.load(path), True
-    path.parent.mkdir(parents=True, exist_ok=True)
-    inputs_path, tmp = path.with_suffix(".inputs.tmp"), path.with_suffix(".tmp")
-    torch.save(inputs, inputs_path)
-    name = str(dtype).removeprefix("torch.")
-    command = [sys.executable, "-m", "qloader.probe.reference", str(checkpoint.path), name, str(inputs_path), str(tmp)]
-    with step("the unquantized reference, in a process of its own (once per checkpoint and dtype, then cached)"):
-        done = subprocess.run([*command, auto_class], capture_output=True, text=True)
-    inputs_path.unlink(missing_ok=True)
-    if done.returncode != 0:
-        raise ProbeError(f"probe: the unquantized reference failed to load: {done.stderr.strip()[-500:]}")
-    tmp.replace(path)
-    return torch.load(path), False
+    folder = cache_dir() / "probe-reference"
+    path = folder / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}.pt"
+    remove_dead_temps(folder.glob("*.tmp"), "probe reference temp file(s)")
+    if path.exists() or path.is_symlink():
+        cached, why = _read_reference(path, shape)
+        if why is None:
+            return cached, True
+        discard(path)
+        warn_damaged("probe reference", path, why, "removed it; the reference is computed again")
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = owner_tag()
+    inputs_path, tmp = folder / f"{path.stem}{tag}.inputs.tmp", folder / f"{path.stem}{tag}.tmp"
+    try:
+        torch.save(inputs, inputs_path)
+        name = str(dtype).removeprefix("torch.")
+        command = [sys.executable, "-m", "qloader.probe.reference", str(checkpoint.path), name, str(inputs_path)]
+        with step("the unquantized reference, in a process of its own (once per checkpoint and dtype, then cached)"):
+            done = subprocess.run([*command, str(tmp), auto_class], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ProbeError(f"probe: the unquantized reference failed to load: {done.stderr.strip()[-500:]}")
+        fresh, why = _read_reference(tmp, shape, values=False)
+        if why is not None:
+            raise ProbeError(f"probe: the unquantized reference process wrote {tmp}, which {why}")
+        if _log_prob_problem(fresh) is None:  # NaN from the model itself is not cached: it would read as damage
+            tmp.replace(path)
+    finally:
+        inputs_path.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return fresh, False
+
+
+def _read_reference(path: Path, shape: tuple[int, ...], values: bool = True) -> tuple[torch.Tensor | None, str | None]:
+    """(log-probs, None), or (None, why the file at `path` is not the reference the probe needs)."""
+    if not path.is_file():
+        return None, "is not a file"
+    try:
+        reference = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: zipfile, pickle or torch errors of many kinds
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        return None, f"is not a readable tensor file ({type(e).__name__}: {first})"
+    if not isinstance(reference, torch.Tensor):
+        return None, f"holds a {type(reference).__name__}, not a tensor"
+    if reference.dtype != torch.float32 or tuple(reference.shape) != tuple(shape):
+        return None, f"holds {reference.dtype} {list(reference.shape)}, the probe needs torch.float32 {list(shape)}"
+    why = _log_prob_problem(reference) if values else None
+    return (None, why) if why else (reference, None)
+
+
+def _log_prob_problem(log_probs: torch.Tensor) -> str | None:
+    """Log-probabilities are never NaN and never above 0 (-inf is a probability of 0)."""
+    if bool(torch.isnan(log_probs).any()):
+        return "holds NaN"
+    if bool((log_probs > 1e-3).any()):
+        return "holds values above 0, which are not log-probabilities"
+    return None
 
 
 def progress(message: str) -> None:
@@ -115,6 +168,15 @@ def step(what: str, every_s: float = 10.0) -> Iterator[None]:
         ticker.join()
 
 
+def input_device(model) -> torch.device:
+    """Where the model takes its inputs: its device, or, for a model offloaded to disk (its weights on the meta
+    device until a hook loads them), the device accelerate's hooks run it on."""
+    device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return model.device
+
+
 def _sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": prompt}]
@@ -123,7 +185,7 @@ def _sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
         )
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    inputs = {k: v.to(input_device(model)) for k, v in inputs.items()}
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     start = 0 if model.config.is_encoder_decoder else inputs["input_ids"].shape[1]  # a decoder's output is new text
@@ -158,7 +220,7 @@ def _rows(log_probs: torch.Tensor, task: str) -> torch.Tensor:
 
 
 def _label_sample(model, tokenizer, prompt: str) -> str:
-    inputs = {k: v.to(model.device) for k, v in tokenizer(prompt, return_tensors="pt").items()}
+    inputs = {k: v.to(input_device(model)) for k, v in tokenizer(prompt, return_tensors="pt").items()}
     with torch.no_grad():
         label = int(model(**inputs).logits[0].argmax())
     return str(model.config.id2label.get(label, label))
@@ -174,7 +236,8 @@ def run_probe(model, checkpoint: Checkpoint, dtype: torch.dtype, pre_quantized: 
     inputs, targets = _probe_inputs(model, tokenizer, task, cfg.max_tokens)
     scoring = f"scoring {inputs['input_ids'].numel()} tokens of the shipped text ({PROBED_TASKS[task]})"
     with step(scoring), torch.no_grad():
-        logits = model(**{k: v.to(model.device) for k, v in inputs.items()}).logits
+        logits = model(**{k: v.to(input_device(model)) for k, v in inputs.items()}).logits
+        shape = tuple(logits.shape)  # the reference's too: the same model class on the same inputs
         log_probs = _rows(torch.log_softmax(logits.float(), dim=-1).cpu(), task)
         del logits
     with step(f"greedy sample for {cfg.prompt!r}"):
@@ -197,7 +260,7 @@ def run_probe(model, checkpoint: Checkpoint, dtype: torch.dtype, pre_quantized: 
     }
     if pre_quantized:
         return result
-    reference, cached = _reference_log_probs(checkpoint, dtype, inputs, auto_class)
+    reference, cached = _reference_log_probs(checkpoint, dtype, inputs, auto_class, shape)
     reference = _rows(reference, task)
     # KL(reference || quantized) per position, in chunks: a full-vocabulary temporary is large
     kl = torch.cat([(r.exp() * (r - q)).sum(-1) for r, q in zip(reference.split(32), log_probs.split(32), strict=True)])

@@ -116,6 +116,13 @@ class QuantMethod:
     can_save: ClassVar[bool] = True
     calibrates: ClassVar[bool] = False
     """Quantizes in `postprocess` from calibration data (GPTQ) rather than weight by weight while loading."""
+    module_name_fields: ClassVar[tuple[str, ...]] = ()
+    """Config fields that list module names to keep unquantized (`llm_int8_skip_modules`): a name that matches no
+    module of the model is a warning, with the nearest module name."""
+    disk_offload: ClassVar[str | None] = (
+        "transformers offloads a weight to disk as the checkpoint stores it, not as this method loads it"
+    )
+    """Why modules of this method cannot be placed on 'disk' (None: they can, as a plain model's can)."""
     pre_quantized_only: ClassVar[bool] = False
     """transformers cannot quantize with it while loading (AWQ, compressed-tensors): a request only merges with
     a pre-quantized checkpoint's own config, so a method sweep over unquantized checkpoints leaves it out."""
@@ -206,6 +213,16 @@ class QuantMethod:
         None: it stays as it is. `quantizer` is transformers' (its config: `quantizer.quantization_config`)."""
         return None
 
+    def device_map_fix(self, config: Any, device_map: dict) -> str | None:
+        """Why transformers' quantizer refused `device_map` and what to change, as qloader options (its own message
+        names `from_pretrained` arguments); None: its message stands. Disk entries: `check_disk_offload`."""
+        return None
+
+    def nothing_quantized(self, quantizer: Any, model: Any) -> str | None:
+        """Why the method quantized no module of `model` (a load asked for quantization, and every layer stayed as
+        it was), with what to change, when the method can tell; None: the warning lists what stayed, and why."""
+        return None
+
     def forward_limit(self, quantizer: Any, model: Any, device_map: dict) -> ForwardLimit | None:
         """The quantized modules of `model` (the skeleton after the quantizer's swaps, or the loaded model) that
         load where `device_map` places them but whose forward pass this host's kernels cannot run; None: the
@@ -224,6 +241,11 @@ class QuantMethod:
         """A context the `load` stage runs in (a faster kernel); yields a report with `as_dict()`, or None.
         `model` is the skeleton about to be loaded and `device_map` its placement (what the kernel will see)."""
         return nullcontext(None)
+
+    def check_disk_offload(self, config: Any, device_map: Any) -> str | None:
+        """Why a model quantized with `config` cannot have modules on 'disk' (None: it can); checked in `device_map`,
+        before any shard is read. `device_map` is the request: a strategy ('auto') or an explicit map (a dict)."""
+        return self.disk_offload
 
     def check_save(self, quant: DictConfig) -> str | None:
         """Why a model loaded with this `quant` node cannot be saved (None: it can); checked before any work."""
@@ -310,6 +332,17 @@ def extra_pins(extra: str | None, packages: tuple[str, ...]) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- tensor helpers every method shares
+
+
+def linear_only(method: str, model: Any) -> str | None:
+    """For a method that converts `nn.Linear` only: a model whose projections are GPT-2's Conv1D has nothing for it."""
+    conv1d = sum(type(module).__name__ == "Conv1D" for module in model.modules())
+    if not conv1d:
+        return None
+    return (
+        f"{method} converts nn.Linear layers only, and this model's {conv1d} projections are Conv1D (GPT-2 style), "
+        "as in plain transformers; bitsandbytes quantizes Conv1D: use quant=bnb-nf4, quant=bnb-fp4 or quant=bnb-int8"
+    )
 
 
 def inner_tensors(tensor: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

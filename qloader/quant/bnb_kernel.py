@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger("qloader")
 OPS = ("quantize_4bit", "int8_vectorwise_quant")
 # Seconds per element the fused kernels save against bitsandbytes' eager ones: about half of what a
 # shared 2-core CPU measured (quantize_4bit with double quant 106-141 ns/element eager vs 15-16 fused,
@@ -137,11 +138,23 @@ def _costs_file() -> Path:
 
 
 def recorded_first_call_s() -> dict[str, float]:
-    """op/dtype -> the last first-call seconds measured on this host with the cache warm ('cold:' keys: a compile)."""
-    try:
-        return json.loads(_costs_file().read_text())
-    except (OSError, ValueError):
-        return {}
+    """op/dtype -> the last first-call seconds measured on this host with the cache warm ('cold:' keys: a compile).
+
+    The record only steers `auto`: a file that is not a JSON object of seconds (`[]`, a string, a folder in its
+    place) is removed with one warning, and the next first call records afresh.
+    """
+    from qloader.core.cache import discard, read_json_entries
+
+    path = _costs_file()
+    action = "removed it; auto estimates, and the kernel's next first call is recorded afresh"
+    costs, sound = read_json_entries(path, "kernel cost record", _seconds, action)
+    if not sound:
+        discard(path)
+    return costs
+
+
+def _seconds(key: str, value: object) -> bool:
+    return type(value) in (int, float) and 0 <= value < float("inf")
 
 
 def _record_first_call(key: str, seconds: float, cold: bool) -> None:
@@ -178,20 +191,64 @@ def choose_kernel(requested: str, op: str, planned_elements: int, on_cpu: bool =
 
 @contextmanager
 def _inductor_cache(path: Path) -> Iterator[str]:
-    """Inductor's cache (FX graphs, C++ kernels) under `path` while the block runs; the user's env is restored."""
+    """Inductor's cache (FX graphs, C++ kernels) under `path` while the block runs; the user's env is restored.
+
+    Yields `path`, where the compiled code lives; inductor itself may be pointed at a link to it (`_compile_path`).
+    """
     names = ("TORCHINDUCTOR_CACHE_DIR",)
     before = {name: os.environ.get(name) for name in names}
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    path = path.absolute()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_compile_path(path))
     try:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-        yield cache_dir()
+        cache_dir()  # inductor's own setup of the folder (made if absent)
+        yield str(path)
     finally:
         for name, value in before.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _compile_path(path: Path) -> Path:
+    """`path`, or a link to it that a shell-like split leaves whole: inductor hands its cache dir to g++ in a
+    command line it splits with `shlex`, so a cache path with a space (or a quote) fails every compile.
+
+    The link lives in a folder of this user's own under the temp dir (mode 0700, checked: a link in a shared
+    folder could point the compiled code, which this process loads, anywhere); without one, `path` as it is.
+    """
+    import hashlib
+    import shlex
+    import stat
+    import tempfile
+
+    from qloader.core.cache import owner_tag
+
+    if shlex.quote(str(path)) == str(path):
+        return path
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    for base in dict.fromkeys((tempfile.gettempdir(), "/tmp")):
+        links = Path(base) / f"qloader-kernels-{os.getuid()}"
+        if shlex.quote(str(links)) != str(links):
+            continue
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            links.mkdir(mode=0o700, exist_ok=True)
+            mode = links.lstat()
+            if not stat.S_ISDIR(mode.st_mode) or mode.st_uid != os.getuid() or mode.st_mode & 0o077:
+                continue  # not this user's private folder: not safe to compile through
+            link = links / digest
+            if not (link.is_symlink() and os.readlink(link) == str(path)):
+                fresh = links / f"{digest}{owner_tag()}"
+                fresh.unlink(missing_ok=True)
+                fresh.symlink_to(path)
+                os.replace(fresh, link)
+            return link
+        except OSError:
+            continue
+    return path
 
 
 # ---------------------------------------------------------------- installing the kernels for a load
@@ -215,9 +272,19 @@ class _FusedOps:
             _record_first_call(key, time.perf_counter() - start, self.cold)
 
     def _failed(self, e: Exception) -> None:
-        self.fused = False  # no C++ compiler, an unsupported platform: bitsandbytes' kernels for the rest
-        if len(self.report.notes) < 3:
-            self.report.notes.append(f"fused kernel failed, used bitsandbytes': {type(e).__name__}: {e}"[:300])
+        """No C++ compiler, an unsupported platform: bitsandbytes' kernels for the rest of the load, recorded as
+        such (the manifest's `kernel` says what ran) and warned once."""
+        self.fused = False
+        why = _compile_error(e)
+        self.report.notes.append(f"fused kernel failed, used bitsandbytes': {why}"[:300])
+        if self.report.fused_calls == 0:
+            self.report.kernel = "bnb"
+        self.report.reason = f"{self.report.reason}; the fused kernel failed ({why}), bitsandbytes' kernel ran"[:600]
+        log.warning(
+            "quant.kernel: the fused kernel failed (%s); bitsandbytes' kernel quantizes the rest of this load "
+            "(quant.kernel=bnb skips the attempt)",
+            why,
+        )
 
     def quantize_4bit(self, A: torch.Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype):
         start = time.perf_counter()
@@ -308,6 +375,15 @@ def quantization_kernels(
             yield report
     finally:
         library._destroy()
+
+
+def _compile_error(e: Exception) -> str:
+    """One line for a failed compile: the compiler's own first complaint where it gave one."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    complaint = next((line for line in lines[1:] if "error:" in line.lower()), None)  # g++: fatal error: ...
+    text = f"{first}: {complaint}" if complaint else first
+    return f"{type(e).__name__}: {text}"[:300]
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from qloader.core.errors import ConfigError, DeviceMapError, EnvironmentMismatchError
-from qloader.quant.base import MergeRow, QuantMethod
+from qloader.quant.base import MergeRow, QuantMethod, _listing
 from qloader.quant.merge import build_quantization_config, check_saved_config, merge_with_checkpoint
 from qloader.quant.registry import method_of
 
@@ -78,13 +78,27 @@ def instantiate_quantizer(quantization: Quantization, dtype: Any, hf_config: Any
         return None, dtype, hf_config
     from transformers.quantizers.auto import AutoHfQuantizer
 
-    quantization.method.prepare_backend()
+    method = quantization.method
+    if method.pre_quantized_only and not quantization.pre_quantized:
+        raise ConfigError([_not_pre_quantized(method, hf_config)])
+    method.prepare_backend()
     try:
         quantizer = AutoHfQuantizer.from_config(quantization.config, pre_quantized=quantization.pre_quantized)
         dtype = quantizer.update_dtype(dtype)  # a method may refuse the dtype (higgs and fp32)
     except ValueError as e:
         raise ConfigError([f"quantization config: {e}"]) from e
     return quantizer, dtype, quantizer.update_attn_implementation(hf_config)
+
+
+def _not_pre_quantized(method: QuantMethod, hf_config: Any) -> str:
+    """What transformers says as `pass pre_quantized=True`, an argument qloader has no option for."""
+    folder = getattr(hf_config, "name_or_path", "") or "the checkpoint"
+    return (
+        f"quant {method.quant_method} loads pre-quantized checkpoints only (a config.json whose quantization_config "
+        f"names {method.quant_method}), and {folder} is not one: transformers cannot quantize with "
+        f"{method.quant_method} while loading; to quantize this checkpoint use another method ({method.instead}), or "
+        f"load a checkpoint saved in {method.quant_method} format (model=local model.path=DIR)"
+    )
 
 
 def check_host(quantization: Quantization, cuda_devices: int) -> None:
@@ -113,14 +127,89 @@ def update_device_map(quantizer: Any, request: Any) -> Any:
     return request if quantizer is None else quantizer.update_device_map(request)
 
 
-def validate_device_map(quantizer: Any, request: Any, final: dict) -> None:
-    """The quantizer's check of the inferred map (bitsandbytes refuses CPU or disk entries it cannot run)."""
+def validate_device_map(quantizer: Any, request: Any, final: dict, quantization: Quantization | None = None) -> None:
+    """The quantizer's check of the inferred map (bitsandbytes refuses CPU or disk entries it cannot run); its
+    refusal in qloader's terms when the method's plug-in gives them (transformers' names its own API)."""
     if quantizer is None:
         return
     try:
         quantizer.validate_environment(device_map=final)
     except ValueError as e:
-        raise DeviceMapError(f"device_map '{request}' -> {final}: {e}") from e
+        config = quantizer.quantization_config if quantization is None else quantization.config
+        raise DeviceMapError(_device_map_refusal(request, final, e, config)) from e
+
+
+def _device_map_refusal(request: Any, final: dict, error: ValueError, config: Any) -> str:
+    method = method_of(config)
+    placed: dict[str, list[str]] = {}
+    for module, device in final.items():
+        placed.setdefault(f"cuda:{device}" if isinstance(device, int) else str(device), []).append(
+            module or "(the whole model)"
+        )
+    where = "; ".join(f"{_listing(sorted(modules))} on {device}" for device, modules in placed.items())
+    if method is not None and (fix := method.device_map_fix(config, final)):
+        return f"device_map '{request}' places {where}: quant {method.quant_method} refuses it: {fix}"
+    return f"device_map '{request}' -> {final}: {error}"
+
+
+def disk_offload_refusal(quantization: Quantization, request: Any) -> str | None:
+    """'quant X cannot offload to disk: why' when the method cannot have modules on disk with this device map
+    request; None when it can (an unquantized load can)."""
+    method = quantization.method
+    if method is None or (why := method.check_disk_offload(quantization.config, request)) is None:
+        return None
+    return f"quant {method.quant_method} cannot offload to disk: {why}"
+
+
+def unmatched_module_names(quantization: Quantization, model: Any) -> list[str]:
+    """One warning per name in the method's skip lists (`module_name_fields`) that matches no module of `model`, as
+    transformers matches them (`should_convert_module`): a typo that silently keeps nothing, and, since a list
+    replaces transformers' default skips, quantizes what the default kept."""
+    import difflib
+
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    method = quantization.method
+    if method is None or quantization.pre_quantized:
+        return []
+    names = [name for name, _ in model.named_modules() if name]
+    known = sorted({*names, *(name.rsplit(".", 1)[-1] for name in names)})
+    names += [name for name, _ in model.named_parameters()]  # some quantizers match parameter names too (torchao)
+    lines = []
+    for field_name in method.module_name_fields:
+        patterns = list(getattr(quantization.config, field_name, None) or [])
+        unmatched = [pattern for pattern in patterns if not _matches_a_module(pattern, names, should_convert_module)]
+        for pattern in unmatched:
+            near = difflib.get_close_matches(pattern, known, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            lines.append(f"quant.{field_name}: '{pattern}' matches no module of {type(model).__name__}{hint}")
+        defaults = get_keys_to_not_convert(model)
+        dropped = [k for k in defaults if _is_linear(model, k) and should_convert_module(k, patterns)]
+        if unmatched and dropped:
+            lines[-1] += (
+                f" (the list replaces transformers' default skips: {', '.join(sorted(dropped))}, which the default "
+                "keeps unquantized, is no longer skipped)"
+            )
+    return lines
+
+
+def _matches_a_module(pattern: str, names: list[str], should_convert_module: Any) -> bool:
+    import re
+
+    try:
+        return any(not should_convert_module(name, [pattern]) for name in names)
+    except re.error:  # not a valid regex: transformers' own match would fail on it too
+        return False
+
+
+def _is_linear(model: Any, name: str) -> bool:
+    from torch import nn
+
+    try:
+        return isinstance(model.get_submodule(name), nn.Linear)
+    except AttributeError:
+        return False
 
 
 def not_converted(name: str, quantizer: Any) -> bool:

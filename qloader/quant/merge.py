@@ -6,6 +6,7 @@ Method-agnostic: what differs between methods comes from their plug-in (`qloader
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from qloader.core.errors import CheckpointError, EnvironmentMismatchError, QuantizationMismatchError
 from qloader.quant.base import MergeRow
 from qloader.quant.registry import method_for_target, method_of
+
+MERGE_WARNING = r"You passed `quantization_config` or equivalent parameters to `from_pretrained`"
+"""transformers' warning on every merge (`AutoHfQuantizer.merge_quantization_configs`), in terms of its own API."""
 
 
 def check_quant_fields(quant: DictConfig) -> list[str]:
@@ -60,6 +64,23 @@ def check_saved_config(saved: dict, config_json: Path) -> None:
             f"{config_json}: quantization_config.quant_method '{saved.get('quant_method')}' is not a method "
             f"transformers can load (known: {known})"
         )
+    _check_saved_fields(saved, config_json)
+
+
+def _check_saved_fields(saved: dict, config_json: Path) -> None:
+    """Its fields typed as transformers' config class checks them (`load_in_4bit` must be a boolean, ...): one
+    line naming config.json and the field, not a TypeError from deep inside the merge."""
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    try:
+        with warnings.catch_warnings():  # what it warns about, the merge that follows warns about
+            warnings.simplefilter("ignore")
+            AutoQuantizationConfig.from_dict(dict(saved))
+    except TypeError as e:
+        raise CheckpointError(
+            f"{config_json}: quantization_config: {' '.join(str(e).split())}; restore config.json from the model's "
+            "source (the file is damaged or was edited)"
+        ) from e
 
 
 def merge_with_checkpoint(saved: dict, user, user_asked: bool, config_json: Path) -> tuple[Any, list[MergeRow]]:
@@ -83,7 +104,9 @@ def merge_with_checkpoint(saved: dict, user, user_asked: bool, config_json: Path
             f"{config_json} is pre-quantized with {saved_method}, but quant asks for {describe(user)}"
         )
     method = method_of(saved_config)
-    merged = AutoHfQuantizer.merge_quantization_configs(dict(saved), user)
+    with warnings.catch_warnings():  # "the quantization_config from the model will be used": qloader reports the
+        warnings.filterwarnings("ignore", message=MERGE_WARNING)  # merge itself, field by field, or refuses it
+        merged = AutoHfQuantizer.merge_quantization_configs(dict(saved), user)
     saved_dict, user_dict, used_dict = method.config_dict(saved), method.config_dict(user), method.config_dict(merged)
     rows = [
         MergeRow(key, saved_dict.get(key), user_dict.get(key), used_dict.get(key))

@@ -1,13 +1,17 @@
 """The run manifest: one JSON record per run, written atomically (temp file, fsync, rename).
 
 `running` is written first, and only where no manifest exists yet: another run's record is never
-overwritten. The same file then becomes `succeeded`, `failed` or `killed`. Its sections are
+overwritten; it is rewritten as each stage starts (`running_stage`). The same file then becomes `succeeded`,
+`failed` or `killed`; a `running` record whose process (`owner`: pid, start time, boot, host) has ended is
+settled as `killed` by whoever reads it next (`settle_if_orphaned`). Its sections are
 built from what the stages returned (the final `LoadContext`), never re-derived afterwards.
 Its JSON Schema ships beside this module as `manifest.schema.json`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import itertools
 import json
@@ -19,9 +23,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from qloader.core.errors import OutputError, RunDirInUseError
-from qloader.core.files import write_json_atomic
-from qloader.core.names import TASK_AUTO_CLASSES
+from qloader.core.errors import OutputError, ProcessDied, RunDirInUseError
+from qloader.core.files import remove_empty_folders, rewrite_json_in_place, write_json_atomic
+from qloader.core.names import STAGE_NAMES, TASK_AUTO_CLASSES
+from qloader.core.processes import is_alive, process_identity
 from qloader.measure import environment
 from qloader.measure.memory import StageStats, memory_method
 
@@ -156,6 +161,7 @@ def _model_section(ctx) -> dict | None:
         "stored_elements": inv.stored_elements,
         "quantized_parameters": inv.quantized_parameters,
         "footprint_bytes": inv.footprint_bytes,
+        "footprint_devices": inv.footprint_devices,
         "quantized_modules": inv.quantized_count,
         "quantized_module_classes": inv.quantized_modules,
         "skipped_modules": inv.skipped_modules,
@@ -184,6 +190,8 @@ class RunManifest:
     ):
         config = resolved_config(cfg)
         self.path = path
+        self._on_disk: dict | None = None
+        """The last record written to `path`."""
         self.data: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "mode": cfg.get("mode", "load"),
@@ -191,6 +199,8 @@ class RunManifest:
             "started_at": _now(),
             "finished_at": None,
             "pid": os.getpid(),
+            "owner": process_identity(),
+            "running_stage": None,
             "run_dir": str(path.parent),
             "cwd": os.getcwd(),
             "config": config,
@@ -218,24 +228,45 @@ class RunManifest:
         try:
             write_json_atomic(self.path, self.data, exclusive=exclusive)
         except FileExistsError:
-            raise RunDirInUseError(
-                f"run dir '{self.path.parent}' already holds a manifest.json, the record of another run; "
-                "choose a new run dir (hydra.run.dir=..., or run_dir=... in qloader.load): "
-                "a manifest is never overwritten"
-            ) from None
+            with contextlib.suppress(Exception):  # the other run's record, if its process died, says so now
+                settle_if_orphaned(self.path)
+            raise run_dir_in_use(self.path.parent) from None
         except OSError as e:
             raise OutputError(f"cannot write the run manifest {self.path}: {e.strerror or e}") from e
+        self._on_disk = copy.deepcopy(self.data)
+
+    def _write_final(self) -> None:
+        """The final record; where no temp file fits (a full disk), compact over the last record's own blocks."""
+        try:
+            self._write()
+        except OutputError:
+            with contextlib.suppress(OSError, ValueError):
+                rewrite_json_in_place(self.path, self.data)
+                self._on_disk = copy.deepcopy(self.data)
+                return
+            raise
+
+    def _write_ending(self) -> None:
+        """Where not even the whole final record fits: the last record written, with the status and error set."""
+        ending = {key: self.data[key] for key in ("status", "finished_at", "error", "running_stage")}
+        with contextlib.suppress(OSError, ValueError):
+            rewrite_json_in_place(self.path, {**(self._on_disk or self.data), **ending})
 
     def begin(self) -> RunManifest:
         """Create the manifest (`running`); an existing one, another run's record, is an OutputError."""
         self._write(exclusive=True)
         return self
 
+    def enter_stage(self, name: str) -> None:
+        """Recorded before the stage runs: a run whose process dies in it is later settled as killed in `name`."""
+        self.data["running_stage"] = name
+        self._write()
+
     def add_stage(self, stats: StageStats) -> None:
         self.data["stages"].append(stats.as_dict())
 
     def _finish(self, status: str, ctx) -> dict:
-        self.data.update(status=status, finished_at=_now())
+        self.data.update(status=status, finished_at=_now(), running_stage=None)
         if ctx is not None:  # None: a job that was interrupted before its process ran a stage
             self.data.update(
                 checkpoint=checkpoint_section(ctx.checkpoint),
@@ -249,7 +280,7 @@ class RunManifest:
                 warnings=list(ctx.warnings),
             )
         self.data["hardware"] = environment.hardware()  # GPUs are only known once torch is imported
-        self._write()
+        self._write_final()
         return self.data
 
     def succeed(self, ctx) -> dict:
@@ -263,6 +294,7 @@ class RunManifest:
         try:
             return self._finish(status, ctx)
         except OutputError:
+            self._write_ending()  # so the file does not say `running` for a run that ended
             return self.data
 
 
@@ -281,7 +313,11 @@ def record_killed_job(job_dir: Path, error_type: str, message: str) -> str:
             data = None
         if not isinstance(data, dict) or data.get("status") != "running":
             return data.get("status", "unreadable") if isinstance(data, dict) else "unreadable"
-        data.update(status="killed", finished_at=_now(), error={"type": error_type, "message": message, "stage": None})
+        stage = _stage_name(data.get("running_stage"))
+        data.update(
+            status="killed", finished_at=_now(), running_stage=None,
+            error={"type": error_type, "message": message, "stage": stage},
+        )  # fmt: skip
         write_json_atomic(path, data)
         return "killed"
     hydra_dir = job_dir / ".hydra"
@@ -293,3 +329,85 @@ def record_killed_job(job_dir: Path, error_type: str, message: str) -> str:
     manifest.data["error"] = {"type": error_type, "message": message, "stage": None}
     manifest._finish("killed", None)
     return "killed"
+
+
+RECORDED_STAGES = (*STAGE_NAMES, "save", "probe")
+
+
+def _stage_name(value: object) -> str | None:
+    return value if value in RECORDED_STAGES else None
+
+
+def run_dir_in_use(run_dir: Path, record: str = "a manifest.json") -> RunDirInUseError:
+    """The refusal of a run dir that holds `record`, another run's: never written over."""
+    return RunDirInUseError(
+        f"run dir '{run_dir}' already holds {record}, the record of another run; "
+        "choose a new run dir (hydra.run.dir=..., or run_dir=... in qloader.load): "
+        "a manifest is never overwritten"
+    )
+
+
+def settle_if_orphaned(path: Path) -> Any:
+    """The record at `path`; if it says `running` but its process (`owner`) has ended, first marked `killed` with
+    the stage it was in and "process died", and written back where the folder allows. Raises what reading
+    raises (OSError, ValueError for a file that is not JSON)."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or data.get("status") != "running" or is_alive(data.get("owner")) is not False:
+        return data
+    stage = _stage_name(data.get("running_stage"))
+    where = f" in its {stage} stage" if stage else ""
+    message = (
+        f"process died: pid {data['owner']['pid']} ended{where} without recording its end "
+        "(SIGKILL, the out-of-memory killer, or the machine stopped)"
+    )
+    data.update(
+        status="killed", finished_at=_now(), running_stage=None,
+        error={"type": ProcessDied.__name__, "message": message, "stage": stage},
+    )  # fmt: skip
+    with contextlib.suppress(OSError, ValueError):
+        write_json_atomic(Path(path), data)
+    return data
+
+
+def claim_run_dir(run_dir: Path, hydra_subdir: str | None) -> None:
+    """Before Hydra writes its `.hydra/` record into `run_dir`: refuse a dir holding another run's manifest or
+    `.hydra/`, then make that folder exclusively, so of two runs started into one dir at once one is refused."""
+    if (run_dir / "manifest.json").exists():
+        with contextlib.suppress(Exception):  # the other run's record, if its process died, says so now
+            settle_if_orphaned(run_dir / "manifest.json")
+        raise run_dir_in_use(run_dir)
+    if hydra_subdir is None:
+        return
+    try:
+        (run_dir / hydra_subdir).mkdir(parents=True)
+    except FileExistsError:
+        raise run_dir_in_use(run_dir, f"{hydra_subdir}/") from None
+    except OSError as e:
+        raise OutputError(f"run dir '{run_dir}' cannot be written: {e.strerror or e}") from e
+
+
+def release_run_dir(run_dir: Path, hydra_subdir: str | None, kept: Path) -> None:
+    """Undo `claim_run_dir` after Hydra failed to write its record (a full disk): its `.hydra/`, an empty log, and
+    then every empty folder up to `kept` (the nearest folder that existed before), so nothing empty is left."""
+    import shutil
+
+    if hydra_subdir is not None:
+        shutil.rmtree(run_dir / hydra_subdir, ignore_errors=True)
+    for log in run_dir.glob("*.log"):
+        with contextlib.suppress(OSError):
+            if log.stat().st_size == 0:
+                log.unlink()
+    remove_empty_folders(run_dir, kept)
+
+
+def record_unstarted_run(run_dir: Path, cfg: DictConfig, overrides: list[str], choices: dict, error: Exception) -> bool:
+    """A `failed` manifest for a run that failed before its first stage, if one can still be written (never over
+    another's); False if none could (a full disk)."""
+    manifest = RunManifest(run_dir / "manifest.json", cfg, overrides, choices)
+    error_record = {"type": type(error).__name__, "message": str(error), "stage": None}
+    manifest.data.update(status="failed", finished_at=_now(), error=error_record)
+    try:
+        manifest._write(exclusive=True)
+    except OutputError:
+        return False
+    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from qloader.core.interrupts import signals_as_interrupt
-from qloader.core.library_logs import library_records_to
+from qloader.core.library_logs import library_records_to, own_records_to
 from qloader.loading.stages import STAGE_NAMES, LoadContext, stages_for
 from qloader.measure.memory import measure_stage
 from qloader.runs.manifest import RunManifest
@@ -73,7 +74,7 @@ class LoadResult:
         """
         from omegaconf import OmegaConf
 
-        from qloader.checkpoint.writer import check_save_fields, save_loaded_model
+        from qloader.checkpoint.writer import check_save_fields, lock_save_dir, save_loaded_model
         from qloader.core.errors import ConfigError, SaveError
         from qloader.runs.manifest import checkpoint_section
 
@@ -88,7 +89,8 @@ class LoadResult:
         save = OmegaConf.create({"enabled": True, "dir": str(directory), "max_shard_size": max_shard_size or default})
         if problems := check_save_fields(save):
             raise ConfigError(problems)
-        saved = save_loaded_model(self.model, self.quantization_config, self.checkpoint_path, save)
+        with lock_save_dir(save):  # a run or another save() writing there refuses this one, naming its pid
+            saved = save_loaded_model(self.model, self.quantization_config, self.checkpoint_path, save)
         return checkpoint_section(saved)
 
     def quantization_description(self) -> str:
@@ -102,20 +104,25 @@ def run(
     *,
     choices: dict[str, str] | None = None,
     replay_of: str | None = None,
+    before_success: Callable[[], None] | None = None,
 ) -> LoadResult:
     """Compose -> stages -> manifest. Any failure leaves a `failed` manifest and re-raises.
 
     `choices` are the config-group options the run composed (model, quant, ...); `replay_of` links
     a replay to the manifest it re-runs. Ctrl-C and SIGTERM leave a `killed` manifest naming the stage.
+    `before_success` runs before `succeeded` is recorded and may raise to record the run otherwise (a sweep
+    job whose sweep has ended). A final record that cannot be written leaves `failed` (OutputError) and re-raises.
     """
     manifest = RunManifest(Path(run_dir) / "manifest.json", cfg, overrides, choices, replay_of)
     ctx, current, watch = LoadContext(cfg=cfg, overrides=tuple(overrides)), None, None
+    stages_done = False
     with signals_as_interrupt():
         manifest.begin()  # an unwritable run dir, or one holding another run's manifest, fails here
         try:
-            with library_records_to(Path(run_dir) / "qloader.log"):
+            with library_records_to(Path(run_dir) / "qloader.log"), own_records_to(Path(run_dir) / "qloader.log"):
                 for current, stage in stages_for(cfg):
                     stats = None
+                    manifest.enter_stage(current)
                     try:
                         with measure_stage(current) as stats:
                             ctx = stage(ctx)
@@ -124,8 +131,14 @@ def run(
                             manifest.add_stage(stats)  # filled in on exit, also when the stage failed
                     if current == WEIGHTS_FINAL_AFTER and ctx.model is not None:
                         watch = ForwardWatch(ctx.model)  # the weights as loaded, before the probe's forward
+            if before_success is not None:
+                before_success()
+            stages_done = True
+            record = manifest.succeed(ctx)
         except BaseException as error:
-            manifest.fail(error, current, ctx)
+            manifest.fail(error, None if stages_done else current, ctx)
             raise
-        record = manifest.succeed(ctx)
+        finally:
+            if ctx.save_lock is not None:  # save.dir's lock, taken in `resolve`: held until the record is final
+                ctx.save_lock.release()
     return LoadResult(ctx.model, record, Path(run_dir), ctx.checkpoint.path, cfg, ctx.quantization_config, _watch=watch)

@@ -62,9 +62,12 @@ class Comparison:
 
 
 def read_manifest(path: Path) -> dict:
-    """The manifest as a dict, or one ConfigError line saying why it is not one."""
+    """The manifest as a dict, or one ConfigError line saying why it is not one; a run whose process died is
+    recorded `killed` first (`settle_if_orphaned`)."""
+    from qloader.runs.manifest import settle_if_orphaned
+
     try:
-        recorded = json.loads(path.read_text())
+        recorded = settle_if_orphaned(path)
     except json.JSONDecodeError as e:
         raise ConfigError([f"'{path}' is not JSON ({e}); give the manifest.json of a qloader run dir"]) from e
     except (OSError, UnicodeDecodeError) as e:
@@ -293,6 +296,13 @@ def experiment_target(name_or_path: str) -> tuple[Path, str]:
     if "/" not in name_or_path and not name_or_path.endswith((".yaml", ".yml")):
         return own / f"{name_or_path}.yaml", f"qloader +experiment={name_or_path}"
     path = Path(name_or_path).absolute()
+    if path.suffix == ".yml":
+        raise OutputError(
+            f"--write-experiment '{name_or_path}': Hydra reads an experiment from NAME.yaml only; name it "
+            f"{path.with_suffix('.yaml').name}"
+        )
+    if path.suffix != ".yaml":  # what +experiment=NAME looks for
+        path = path.with_name(f"{path.name}.yaml")
     if not path.parent.is_dir():
         raise OutputError(
             f"--write-experiment '{name_or_path}': folder '{path.parent}' does not exist; create it, or give a NAME "
@@ -333,7 +343,7 @@ def write_experiment(manifest_path: Path, name_or_path: str) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qloader replay", description=__doc__.splitlines()[0])
-    p.add_argument("manifest", type=Path, help="a run's manifest.json")
+    p.add_argument("manifest", type=Path, help="a run's manifest.json, or its run dir")
     p.add_argument("--check-only", action="store_true", help="compare config, inputs and environment; load nothing")
     p.add_argument("--run-dir", type=Path, help="where the replay writes (default outputs/replay/DATE/TIME-PID)")
     save = p.add_mutually_exclusive_group()
@@ -350,6 +360,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    if args.manifest.is_dir() and (args.manifest / "manifest.json").is_file():  # a run dir: its manifest
+        args.manifest = args.manifest / "manifest.json"
+    elif args.manifest.is_dir():
+        parser().error(
+            f"'{args.manifest}' is a directory with no manifest.json; give a run's manifest.json (or its run dir)"
+        )
     if not args.manifest.is_file():
         parser().error(f"manifest '{args.manifest}' does not exist")
     run_dir = (args.run_dir or run_dir_stamp(Path("outputs") / "replay")).absolute()

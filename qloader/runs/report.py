@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from qloader.core.names import STAGE_NAMES
+from qloader.runs.manifest import settle_if_orphaned
 
 MiB = 2**20
 COLUMNS = [
@@ -69,7 +70,7 @@ def _row(job_dir: Path) -> dict:
             "error": f"no manifest.json in {job_dir}",
         }
     try:
-        return _sanitized(_manifest_row(row, json.loads(path.read_text())))
+        return _sanitized(_manifest_row(row, settle_if_orphaned(path)))  # a job whose process died: `killed`
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as e:
         why = f"{type(e).__name__}: {e}"[:200]
         return {
@@ -103,6 +104,7 @@ def _manifest_row(row: dict, m: dict) -> dict:
         task=(m["model"] or m.get("plan") or {}).get("task"),
         quantization=(m["quantization"] or {}).get("description"),
         footprint_mib=_mib((m["model"] or {}).get("footprint_bytes")),
+        _footprint_bytes=(m["model"] or {}).get("footprint_bytes"),
         load_s=round(sum(s["wall_s"] for s in m["stages"]), 3),
         error=None if m["error"] is None else f"{m['error']['type']}: {m['error']['message']}",
     )
@@ -142,19 +144,47 @@ def _model_name(m: dict) -> str | None:
 
 
 def _add_compression(rows: list[dict]) -> None:
-    """footprint of the unquantized (`none`) job with the same checkpoint and dtype / this footprint."""
+    """footprint of the unquantized (`none`) job with the same checkpoint and dtype / this footprint, in bytes as
+    the manifests record them (the MiB columns are rounded: 1.35x from them where the bytes give 1.33x)."""
     baseline = {
-        r["_baseline_key"]: r["footprint_mib"] for r in rows if r["quantization"] == "none" and r["footprint_mib"]
+        r["_baseline_key"]: r.get("_footprint_bytes")
+        for r in rows
+        if r["quantization"] == "none" and r.get("_footprint_bytes")
     }
     for r in rows:
-        base = baseline.get(r.pop("_baseline_key", None))
-        r["compression"] = round(base / r["footprint_mib"], 2) if base and r["footprint_mib"] else None
+        base, own = baseline.get(r.pop("_baseline_key", None)), r.get("_footprint_bytes")
+        r["compression"] = round(base / own, 2) if base and own else None
+
+
+def job_dirs(sweep_dir: Path) -> set[Path]:
+    """The sweep's job folders: any folder in it holding `.hydra/` or a manifest."""
+    return {p.parent for p in sweep_dir.glob("*/manifest.json")} | {p.parent for p in sweep_dir.glob("*/.hydra")}
+
+
+def _refused_rows(sweep_dir: Path) -> dict[str, dict]:
+    """Rows of jobs refused before they wrote a manifest of their own (their folder held another run's), by job
+    folder name: the sweep's `.qloader/job-<num>.json` records (qloader.runs.sweep)."""
+    rows = {}
+    for path in sorted(sweep_dir.glob(".qloader/job-*.json")):
+        try:
+            record = json.loads(path.read_text())
+            error = record["error"]
+            row = {
+                **dict.fromkeys(COLUMNS), "job": record["job"], "overrides": " ".join(record["overrides"]),
+                "status": record["status"], "error": f"{error['type']}: {error['message']}",
+                "_error_type": error["type"],
+            }  # fmt: skip
+            rows[str(record["job_dir"])] = _sanitized(row)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return rows
 
 
 def collect(sweep_dir: Path) -> list[dict]:
-    """One row per job folder (any folder holding `.hydra/` or a manifest), in job order."""
-    job_dirs = {p.parent for p in sweep_dir.glob("*/manifest.json")} | {p.parent for p in sweep_dir.glob("*/.hydra")}
-    rows = [_row(d) for d in job_dirs]
+    """One row per job folder, in job order; a job refused because its folder held another run's manifest has
+    its own row instead of that run's."""
+    refused = _refused_rows(sweep_dir)
+    rows = [refused.pop(d.name, None) or _row(d) for d in job_dirs(sweep_dir)] + list(refused.values())
     _add_compression(rows)
     return sorted(rows, key=lambda r: (str(type(r["job"])), r["job"]))
 
@@ -456,8 +486,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="qloader-report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun dir, e.g. multirun/2026-11-24/10-00-00")
     args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        parser.error(f"sweep dir '{args.sweep_dir}' does not exist")
+    if problem := _not_a_sweep_dir(args.sweep_dir):
+        parser.exit(2, f"qloader-report: error: {problem}\n")  # one line: nothing is written
     rows = write_summary(args.sweep_dir)
     print(markdown(rows), end="")
     print(f"wrote {args.sweep_dir}/summary.csv, summary.md, summary.png ({len(rows)} jobs)")
+
+
+def _not_a_sweep_dir(folder: Path) -> str | None:
+    """Why `folder` is not a sweep dir to summarize (None: it is): a summary is never written into anything else."""
+    takes = "qloader-report takes a sweep dir (multirun/DATE/TIME, one folder per job)"
+    if not folder.is_dir():
+        return f"sweep dir '{folder}' does not exist; {takes}"
+    if (folder / "manifest.json").is_file():
+        return (
+            f"'{folder}' is a single run's dir (it holds manifest.json), not a sweep dir; {takes}; a single run's "
+            "record is its manifest.json"
+        )
+    if not job_dirs(folder):
+        return f"'{folder}' holds no sweep jobs (no N/manifest.json or N/.hydra/); {takes}"
+    return None

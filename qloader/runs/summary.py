@@ -30,8 +30,9 @@ def _render(manifest: dict) -> str:
         f"  quantized      {model['quantized_modules']} modules ({kinds}){share}",
         *_kept_lines(model, quant),
         f"  footprint      {mib(model['footprint_bytes'])} ({model['parameters']:,} parameters, {model['dtype']});"
-        f" planned {mib(plan['footprint_bytes'])}{compression}",
+        f" planned {mib(plan['footprint_bytes'])}{compression}{_on_disk(model)}",
         f"  device_map     {model['device_map']}",
+        *_warning_lines(manifest.get("warnings") or []),
         "",
         f"  {'stage':<12}{'wall_s':>9}{'peak RSS':>14}{'peak anon':>14}",
     ]
@@ -57,6 +58,12 @@ def _render(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def _on_disk(model: dict) -> str:
+    """'; 0.3 MiB of it offloaded to disk' when weights were offloaded (older manifests: no such field)."""
+    disk = (model.get("footprint_devices") or {}).get("disk")
+    return f"; {mib(disk)} of it offloaded to disk" if disk else ""
+
+
 def _task(model: dict) -> str:
     """'seq2seq-lm (AutoModelForSeq2SeqLM; model.task=auto, config.json architectures)'."""
     task = model.get("task") or "-"
@@ -65,6 +72,11 @@ def _task(model: dict) -> str:
     if model.get("chosen_by") in by:
         how += f", {by[model['chosen_by']]}"
     return f"{task} ({model['auto_class']}; {how})" if model.get("auto_class") else f"{task} ({how})"
+
+
+def _warning_lines(warnings: list[str]) -> list[str]:
+    """What the run should know that no error stopped (the manifest's `warnings`), one line each."""
+    return [f"  {'warnings' if i == 0 else '':<15}{line}" for i, line in enumerate(warnings)]
 
 
 def _kept_lines(model: dict, quant: dict) -> list[str]:

@@ -2,11 +2,15 @@
 
 An interrupted sweep (Ctrl-C, SIGTERM, a launcher tearing its workers down) still ends with a final
 status in every job's manifest, and with `summary.*` for the jobs that finished, the interrupted
-ones as `killed` rows.
+ones as `killed` rows. So does a sweep whose launcher fails (a joblib worker killed).
+
+A sweep claims its sweep dir before Hydra writes into it (`.qloader/`, made exclusively): a dir that holds
+another sweep's or run's records is refused, so no job writes over another's `.hydra/` or manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,15 +18,88 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from qloader.core.interrupts import exit_code, install_for_process, signal_name, signals_as_interrupt
 
 JOB_EXIT_GRACE_S = 60.0
 """How long an interrupted sweep waits for a job process that is still recording its end."""
+SWEEP_RECORDS = ".qloader"
+"""The sweep's own folder in its sweep dir: `sweep.json` (the sweep's process; the folder is made exclusively,
+so one sweep per dir) and `job-<num>.json` for a job refused before it could write a manifest of its own."""
+JOB_DIR_KEYS = ("hydra.job.num", "hydra.job.id")
+"""A `hydra.sweep.subdir` naming neither could give two jobs one dir."""
+RECORDS = ((SWEEP_RECORDS, ""), ("multirun.yaml", ""), ("manifest.json", ""), (".hydra", "/"))
+RECORDS += (("*/manifest.json", ""), ("*/.hydra", "/"))
+
+
+def claim_sweep_dir(config: DictConfig) -> None:
+    """Before Hydra writes into the sweep dir: refuse a dir that holds another sweep's (or run's) records and a
+    subdir that could give two jobs one dir, then claim the dir for this sweep (RunDirInUseError, ConfigError)."""
+    from qloader.core.errors import ConfigError, RunDirInUseError
+    from qloader.core.files import existing_ancestor, remove_empty_folders
+
+    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
+    if not any(key in str(subdir) for key in JOB_DIR_KEYS):
+        raise ConfigError(
+            [
+                f"hydra.sweep.subdir '{subdir}' names neither ${{hydra.job.num}} nor ${{hydra.job.id}}, so two jobs "
+                "could share one dir and Hydra would write one's .hydra/ over the other's; keep ${hydra.job.num} "
+                "in it (its default: hydra.sweep.subdir='${hydra.job.num}')"
+            ]
+        )
+    sweep_dir = Path(config.hydra.sweep.dir)
+    fix = "choose a new sweep dir (hydra.sweep.dir=NEW): a record is never overwritten"
+    if found := _records_in(sweep_dir):
+        raise RunDirInUseError(f"sweep dir '{sweep_dir}' already holds another sweep's jobs ({found}); {fix}")
+    kept = existing_ancestor(sweep_dir.absolute())
+    try:
+        (sweep_dir / SWEEP_RECORDS).mkdir(parents=True)
+    except FileExistsError:
+        raise RunDirInUseError(f"sweep dir '{sweep_dir}' was claimed by another sweep started at once; {fix}") from None
+    except OSError as e:
+        remove_empty_folders(sweep_dir.absolute(), kept)
+        _cannot_write(sweep_dir, e)
+    _record_sweep_owner(sweep_dir, kept, config)
+
+
+def _records_in(sweep_dir: Path) -> str | None:
+    """The first records of other runs that `sweep_dir` holds, named for the message; None if it holds none."""
+    found = [f"{p.relative_to(sweep_dir)}{end}" for pattern, end in RECORDS for p in sorted(sweep_dir.glob(pattern))]
+    return None if not found else ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+
+
+def _record_sweep_owner(sweep_dir: Path, kept: Path, config: DictConfig) -> None:
+    """`.qloader/sweep.json`: the sweep's process, which its jobs watch; on a full disk the claim is undone."""
+    from qloader.core.files import remove_empty_folders, write_json_atomic
+    from qloader.core.processes import process_identity
+
+    record = {"owner": process_identity(), "overrides": list(config.hydra.overrides.task)}
+    try:
+        write_json_atomic(sweep_dir / SWEEP_RECORDS / "sweep.json", record, exclusive=True)
+    except OSError as e:
+        remove_empty_folders((sweep_dir / SWEEP_RECORDS).absolute(), kept)
+        _cannot_write(sweep_dir, e)
+
+
+def _cannot_write(sweep_dir: Path, error: OSError) -> NoReturn:
+    from qloader.core.errors import OutputError
+
+    why = error.strerror or error
+    raise OutputError(f"sweep dir '{sweep_dir}' cannot be written: {why}; free some space or choose another "
+                      "sweep dir (hydra.sweep.dir=NEW)") from error  # fmt: skip
+
+
+def sweep_owner(sweep_dir: Path | None) -> dict | None:
+    """The sweep process recorded in `sweep_dir` (None if it recorded none), for its job processes to watch."""
+    try:
+        record = json.loads((Path(sweep_dir) / SWEEP_RECORDS / "sweep.json").read_text())
+    except (TypeError, OSError, ValueError):
+        return None
+    return record.get("owner") if isinstance(record, dict) and isinstance(record.get("owner"), dict) else None
 
 
 def _status(run_dir: Path) -> str:
@@ -32,7 +109,7 @@ def _status(run_dir: Path) -> str:
         return "missing"
 
 
-def run_job(run_dir: Path, job_num: int, overrides: list[str]) -> str:
+def run_job(run_dir: Path, job_num: int, overrides: list[str], sweep_dir: Path | None = None) -> str:
     """One sweep job: a line as it starts and ends, its load in a child process; returns its status."""
     from qloader.runs.job import run_in_fresh_process
 
@@ -44,14 +121,58 @@ def run_job(run_dir: Path, job_num: int, overrides: list[str]) -> str:
     start = time.perf_counter()
     try:
         with signals_as_interrupt():
-            run_in_fresh_process(run_dir)
+            child = run_in_fresh_process(run_dir, sweep_owner(sweep_dir))
     except KeyboardInterrupt as interrupt:
-        _settle_job(run_dir, signal_name(interrupt))
+        _settle_job(run_dir, *_interrupted(signal_name(interrupt)))
         print(f"qloader: job {label}: {_status(run_dir)} in {time.perf_counter() - start:.1f} s", flush=True)
         raise
-    status = _status(run_dir)
+    status = _job_outcome(run_dir, job_num, overrides, child, sweep_dir)
     print(f"qloader: job {label}: {status} in {time.perf_counter() - start:.1f} s", flush=True)
     return status
+
+
+def _job_outcome(run_dir: Path, job_num: int, overrides: list[str], child, sweep_dir: Path | None) -> str:
+    """The ended job's status: its own manifest's (a `running` one its process left is settled `killed`); a job
+    refused because its dir held another run's manifest is `failed`, recorded in the sweep's records."""
+    from qloader.runs.manifest import record_killed_job, settle_if_orphaned
+
+    try:
+        data = settle_if_orphaned(run_dir / "manifest.json")
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and data.get("pid") == child.pid:
+        return str(data.get("status"))
+    if data is None and child.returncode < 0:  # a signal ended it before it wrote its record
+        message = f"process died: the job's process ended by signal {-child.returncode} before it wrote its record"
+        return record_killed_job(run_dir, "ProcessDied", message)
+    if not isinstance(data, dict) or child.returncode == 0:
+        return _status(run_dir)
+    message = (
+        f"job dir '{run_dir}' already holds a manifest.json, the record of another run (pid {data.get('pid')}); "
+        "this job did not run: sweep into a new sweep dir (hydra.sweep.dir=NEW)"
+    )
+    _record_refused_job(sweep_dir, run_dir, job_num, overrides, message)
+    return "failed"
+
+
+def _record_refused_job(
+    sweep_dir: Path | None, run_dir: Path, job_num: int, overrides: list[str], message: str
+) -> None:
+    """`.qloader/job-<num>.json`: the row of a job that has no manifest of its own, for the summary."""
+    from qloader.core.files import write_json_atomic
+
+    if sweep_dir is None:
+        return
+    try:
+        job_dir = str(Path(run_dir).absolute().relative_to(Path(sweep_dir).absolute()))
+    except ValueError:
+        job_dir = str(run_dir)
+    record = {
+        "job": job_num, "job_dir": job_dir, "overrides": overrides, "status": "failed",
+        "error": {"type": "RunDirInUseError", "message": message},
+    }  # fmt: skip
+    with contextlib.suppress(OSError):
+        write_json_atomic(Path(sweep_dir) / SWEEP_RECORDS / f"job-{job_num}.json", record)
 
 
 class SweepSummary(Callback):
@@ -60,16 +181,16 @@ class SweepSummary(Callback):
     active_sweep_dir: Path | None = None
     """The sweep this process is running, for `end_interrupted_sweep`."""
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepSummary.active_sweep_dir = None  # a single run after a sweep in this process (tests, notebooks)
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         SweepSummary.active_sweep_dir = Path(config.hydra.sweep.dir)
         install_for_process()  # SIGTERM too ends the sweep through `end_interrupted_sweep`
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from qloader.runs.report import markdown, write_summary
-
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = write_summary(sweep_dir)
-        print(f"\nqloader: sweep summary ({sweep_dir}/summary.md)\n" + markdown(rows), flush=True)
+        rows = _summary(sweep_dir)
         failed = [f"#{r['job']} ({r['overrides']})" for r in rows if r["status"] != "succeeded"]
         if failed:
             print(f"qloader: {len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}", file=sys.stderr)
@@ -78,19 +199,13 @@ class SweepSummary(Callback):
 
 def end_interrupted_sweep(interrupt: KeyboardInterrupt) -> int:
     """After Ctrl-C or SIGTERM outside a single run: settle every job, write the summary, one line; the exit code."""
-    from qloader.runs.report import markdown, write_summary
-
     name, sweep_dir = signal_name(interrupt), SweepSummary.active_sweep_dir
     if sweep_dir is None or not sweep_dir.is_dir():
         print(f"qloader: interrupted by {name} before any run began", file=sys.stderr)
         return exit_code(interrupt)
     for sig in (signal.SIGINT, signal.SIGTERM):  # the sweep is ending: a repeated Ctrl-C must not cut this short
         signal.signal(sig, signal.SIG_IGN)
-    job_dirs = {p.parent for p in sweep_dir.glob("*/.hydra")} | {p.parent for p in sweep_dir.glob("*/manifest.json")}
-    for job_dir in sorted(job_dirs):
-        _settle_job(job_dir, name)
-    rows = write_summary(sweep_dir)
-    print(f"\nqloader: sweep summary ({sweep_dir}/summary.md)\n" + markdown(rows), flush=True)
+    rows = _settle_all(sweep_dir, *_interrupted(name))
     done = sum(r["status"] == "succeeded" for r in rows)
     killed = [f"#{r['job']}" for r in rows if r["status"] == "killed"]
     print(
@@ -101,7 +216,55 @@ def end_interrupted_sweep(interrupt: KeyboardInterrupt) -> int:
     return exit_code(interrupt)
 
 
-def _settle_job(job_dir: Path, name: str) -> None:
+def end_broken_sweep(error: Exception) -> int:
+    """The launcher failed mid-sweep (joblib's TerminatedWorkerError when a worker was killed): every job settled,
+    the summary written, one line naming the error and the jobs that did not succeed; the exit code (1)."""
+    why = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    why = why if len(why) <= 200 else why[:199] + "…"
+    sweep_dir = SweepSummary.active_sweep_dir
+    if sweep_dir is None or not sweep_dir.is_dir():
+        print(f"qloader: error: the sweep failed before any job began ({why})", file=sys.stderr)
+        return 1
+    rows = _settle_all(sweep_dir, "RunKilled", f"the sweep's launcher failed while this job ran ({why})")
+    done = sum(r["status"] == "succeeded" for r in rows)
+    others = [f"#{r['job']} ({r['status']})" for r in rows if r["status"] != "succeeded"]
+    print(
+        f"qloader: error: the sweep's launcher failed ({why}); {done} of {len(rows)} started jobs succeeded"
+        f"{', not succeeded: ' + ' '.join(others) if others else ''}; summary {sweep_dir}/summary.md",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _interrupted(name: str) -> tuple[str, str]:
+    """The error type and message recorded for a job the sweep's `name` signal interrupted."""
+    error_type = "RunKilled" if name != "SIGINT" else "KeyboardInterrupt"
+    return error_type, f"the sweep was interrupted by {name} while this job ran; its process ended without recording it"
+
+
+def _settle_all(sweep_dir: Path, error_type: str, message: str) -> list[dict]:
+    """Every job of the ending sweep with a final status, then the summary; its rows."""
+    job_dirs = {p.parent for p in sweep_dir.glob("*/.hydra")} | {p.parent for p in sweep_dir.glob("*/manifest.json")}
+    for job_dir in sorted(job_dirs):
+        _settle_job(job_dir, error_type, message)
+    return _summary(sweep_dir)
+
+
+def _summary(sweep_dir: Path) -> list[dict]:
+    """Write summary.* and print the table; a summary that cannot be written is one line, the table still printed."""
+    from qloader.runs.report import collect, markdown, write_summary
+
+    try:
+        rows = write_summary(sweep_dir)
+    except OSError as e:
+        rows = collect(sweep_dir)
+        print(f"qloader: error: OutputError: cannot write the sweep summary in {sweep_dir}: {e.strerror or e}",
+              file=sys.stderr)  # fmt: skip
+    print(f"\nqloader: sweep summary ({sweep_dir}/summary.md)\n" + markdown(rows), flush=True)
+    return rows
+
+
+def _settle_job(job_dir: Path, error_type: str, message: str) -> None:
     """Wait for the job's own process to record its end; if it cannot, record `killed` for it."""
     from qloader.runs.manifest import record_killed_job
 
@@ -112,11 +275,7 @@ def _settle_job(job_dir: Path, name: str) -> None:
         pid = _running_pid(job_dir)
     if pid is not None and _is_job_process(pid, job_dir):
         os.kill(pid, 9)  # it did not record its end in time: stop it, and record it here
-    record_killed_job(
-        job_dir,
-        "RunKilled" if name != "SIGINT" else "KeyboardInterrupt",
-        f"the sweep was interrupted by {name} while this job ran; its process ended without recording it",
-    )
+    record_killed_job(job_dir, error_type, message)
 
 
 def _running_pid(job_dir: Path) -> int | None:

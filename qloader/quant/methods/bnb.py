@@ -60,6 +60,11 @@ class Bitsandbytes(QuantMethod):
     settings = ("kernel",)
     packages = ("bitsandbytes",)
     module = "bitsandbytes"
+    module_name_fields = ("llm_int8_skip_modules",)
+    disk_offload = (
+        "bitsandbytes quantizes each weight in memory as it loads, and a module on disk would keep the checkpoint's "
+        "unquantized weight"
+    )
     format_fields = (
         "load_in_4bit",
         "load_in_8bit",
@@ -67,6 +72,28 @@ class Bitsandbytes(QuantMethod):
         "bnb_4bit_use_double_quant",
         "bnb_4bit_quant_storage",
     )
+
+    def check_disk_offload(self, config: Any, device_map: Any) -> str | None:
+        """With llm_int8_enable_fp32_cpu_offload and an explicit map, transformers keeps the modules the map puts on
+        cpu or disk unquantized: those offload as a plain model's do."""
+        if getattr(config, "llm_int8_enable_fp32_cpu_offload", False) and isinstance(device_map, dict):
+            return None
+        return (
+            f"{self.disk_offload}; to offload modules unquantized, set quant.llm_int8_enable_fp32_cpu_offload=true "
+            "and write the map out with device_map=explicit"
+        )
+
+    def device_map_fix(self, config: Any, device_map: dict) -> str | None:
+        """transformers' "set `llm_int8_enable_fp32_cpu_offload=True` and pass a custom `device_map`", in qloader's
+        options (a map with modules on cpu beside a GPU)."""
+        if config.llm_int8_enable_fp32_cpu_offload:
+            return None
+        return (
+            "bitsandbytes quantizes the modules of a map that uses a GPU only on that GPU; give the GPU room for the "
+            "whole model (raise device_map.max_memory.0), or keep the cpu modules unquantized in float32 with "
+            "quant.llm_int8_enable_fp32_cpu_offload=true and the map written out as device_map=explicit "
+            "'+device_map.modules={module: device, ...}'"
+        )
 
     def check_fields(self, quant: DictConfig) -> list[str]:
         problems = []

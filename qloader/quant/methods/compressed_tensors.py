@@ -44,6 +44,17 @@ def _scheme_name(group: dict) -> str:
     return f"W{_bits(group.get('weights'))}A{_bits(group.get('input_activations'))}"
 
 
+def _honouring_tqdm_disable(bar: Any) -> Any:
+    """`bar` (tqdm), disabled whenever TQDM_DISABLE is set, as tqdm reads it (any non-empty value)."""
+    import os
+
+    def start(*args: Any, disable: bool | None = False, **kwargs: Any) -> Any:
+        return bar(*args, disable=True if os.environ.get("TQDM_DISABLE") else disable, **kwargs)
+
+    start.honours_tqdm_disable = True
+    return start
+
+
 @register_method
 class CompressedTensors(QuantMethod):
     quant_method = "compressed-tensors"
@@ -54,6 +65,18 @@ class CompressedTensors(QuantMethod):
     extra = "compressed-tensors"
     format_fields = ("config_groups", "format", "ignore", "kv_cache_scheme", "quantization_status")
     pre_quantized_only = True
+    disk_offload = (
+        "compressed-tensors runs its layers from memory; a model with modules on disk fails its first forward "
+        "pass in transformers"
+    )
+
+    def prepare_backend(self) -> None:
+        """compressed-tensors passes `disable=` to its "Applying quantization config" bar, which overrides tqdm's
+        TQDM_DISABLE: that bar honours it again (process-wide; set at import time, read when a bar starts)."""
+        from compressed_tensors.quantization.lifecycle import apply
+
+        if not getattr(apply.tqdm, "honours_tqdm_disable", False):
+            apply.tqdm = _honouring_tqdm_disable(apply.tqdm)
 
     def config_dict(self, config: Any) -> dict:
         """`to_dict()` holds only the stored format; the loading attributes are compared (and recorded) too."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from qloader.quant.base import QuantConfig, QuantMethod, WeightBytes, register_method
+from qloader.quant.base import QuantConfig, QuantMethod, WeightBytes, linear_only, register_method
 
 WEIGHTS = ("int8", "int4", "int2", "float8")
 BITS = {"int8": 8, "float8": 8, "int4": 4, "int2": 2}
@@ -36,6 +36,11 @@ class Quanto(QuantMethod):
     extra = "quanto"
     format_fields = ("weights", "activations")
     can_save = False
+    module_name_fields = ("modules_to_not_convert",)
+    disk_offload = (
+        "optimum-quanto quantizes each weight in memory as it loads; transformers refuses a quanto map with "
+        "modules on disk"
+    )
 
     def check_fields(self, quant: DictConfig) -> list[str]:
         problems = []
@@ -55,6 +60,9 @@ class Quanto(QuantMethod):
             f"transformers cannot serialize quanto models (quant.weights={quant.weights}); "
             "use quant=torchao-int8wo or quant=torchao-fp8wo to save"
         )
+
+    def nothing_quantized(self, quantizer: Any, model: Any) -> str | None:
+        return linear_only("optimum-quanto", model)
 
     def created_keys(self, model: Any) -> set[str]:
         """QLinear's activation scales: the quantizer sets them while loading, no checkpoint has them."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig
 
-from qloader.quant.base import QuantConfig, QuantMethod, WeightBytes, register_method
+from qloader.quant.base import QuantConfig, QuantMethod, WeightBytes, linear_only, register_method
 
 # Short names for the manifest and the sweep table; other torchao configs go by their class name.
 NAMES = {
@@ -25,6 +25,8 @@ NAMES = {
     "PrototypeInt4WeightOnlyConfig": "int4 weight-only (CPU)",
     "Int4WeightOnlyConfig": "int4 weight-only",
 }
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+"""The group sizes torchao's int4 weight-only configs take."""
 # Configs whose models torchao 0.18 cannot serialize (no safetensors support for their tensors).
 UNSAVEABLE = ("PrototypeInt4WeightOnlyConfig",)
 
@@ -58,6 +60,11 @@ class Torchao(QuantMethod):
     module = "torchao"
     extra = "torchao"
     format_fields = ("quant_type",)
+    module_name_fields = ("modules_to_not_convert",)
+    disk_offload = (
+        "torchao quantizes each weight in memory as it loads; transformers' torchao loader fails on a map with "
+        "modules on disk"
+    )
 
     def check_fields(self, quant: DictConfig) -> list[str]:
         if not _class_name(quant.quant_type):
@@ -125,6 +132,20 @@ class Torchao(QuantMethod):
             return WeightBytes(math.ceil(rows * cols / 2), scales)
         size = quantizer.quantized_element_size or param.element_size()  # transformers' own estimate
         return WeightBytes(math.ceil(rows * cols * size), 0)
+
+    def nothing_quantized(self, quantizer: Any, model: Any) -> str | None:
+        if why := linear_only("torchao", model):
+            return why
+        group = getattr(quantizer.quantization_config.quant_type, "group_size", None)
+        widths = sorted({m.in_features for m in model.modules() if type(m).__name__ == "Linear"})
+        if not isinstance(group, int) or not widths or any(width % group == 0 for width in widths):
+            return None
+        fits = [size for size in INT4_GROUP_SIZES if all(width % size == 0 for width in widths)]
+        fix = f"use group_size={fits[-1]}" if fits else "use quant=torchao-int8wo (no int4 group size divides them)"
+        return (
+            f"the int4 group_size {group} divides no Linear layer's in_features ({', '.join(map(str, widths))}), and "
+            f"torchao leaves such weights as they are; {fix} (quant.quant_type.group_size)"
+        )
 
     def check_save(self, quant: DictConfig) -> str | None:
         if (kind := _class_name(quant.quant_type)) in UNSAVEABLE:
