@@ -179,6 +179,7 @@ PROCESS_CASES = {
 }
 
 
+@pytest.mark.slow  # a real process of its own (signals, umask, import side effects): make test-slow
 @pytest.mark.parametrize("error_type", list(PROCESS_CASES))
 def test_each_error_class_exits_1_with_one_line_from_a_real_process(error_type: str, tmp_path, tiny_checkpoint) -> None:
     make_case, stage = PROCESS_CASES[error_type]

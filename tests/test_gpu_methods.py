@@ -151,6 +151,7 @@ def test_option_is_refused_in_one_line_naming_need_and_alternative(option: str, 
     assert manifest["model"] is None
 
 
+@pytest.mark.slow  # a real process of its own (signals, umask, import side effects): make test-slow
 def test_cli_refusal_is_one_error_line_and_the_manifest_line(tmp_path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this host has CUDA")

@@ -330,6 +330,7 @@ def test_custom_code_is_refused_by_default(tiny_checkpoint, tmp_path) -> None:
     assert not sentinel.exists()
 
 
+@pytest.mark.slow  # a real process of its own (signals, umask, import side effects): make test-slow
 def test_custom_code_runs_when_trusted(tiny_checkpoint, tmp_path) -> None:
     sentinel = tmp_path / "sentinel"
     folder = _remote_code_checkpoint(tiny_checkpoint, tmp_path / "custom", sentinel)

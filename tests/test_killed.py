@@ -39,6 +39,7 @@ def wait_for_output(process: subprocess.Popen, text: bytes, timeout: float = 120
 @pytest.mark.parametrize(
     "sig, code, error_type", [(signal.SIGTERM, 143, "RunKilled"), (signal.SIGINT, 130, "KeyboardInterrupt")]
 )
+@pytest.mark.slow  # a real process of its own (signals, umask, import side effects): make test-slow
 def test_signal_during_load_records_killed_with_the_stage(smollm2_checkpoint, tmp_path, sig, code, error_type) -> None:
     process = start_cli("model=smollm2-135m", "quant=bnb-nf4", "device_map=cpu", run_dir=tmp_path)
     wait_for_output(process, b"load 0/")  # the load stage's progress bar: quantizing SmolLM2 takes seconds
@@ -110,6 +111,7 @@ def test_disk_full_while_writing_the_manifest(tiny_checkpoint, tmp_path, monkeyp
     assert tree_state(folder) == before
 
 
+@pytest.mark.slow  # a real process of its own (signals, umask, import side effects): make test-slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_repeated_signal_does_not_cut_the_record_short(tmp_path, sig) -> None:
     """Ctrl-C pressed twice (or a signal passed on by a sweep after the terminal's): one line, a `killed` record."""

@@ -213,6 +213,7 @@ WIDE = [
 ]
 
 
+@pytest.mark.slow  # a real process of its own (signals, umask, import side effects): make test-slow
 def test_prequantized_load_never_materializes_full_precision(tmp_path) -> None:
     """The default tiny model is too small to tell; a wider one (about 93 MB of bf16 linears) can."""
     overrides, _ = MODES["nf4-dq"]

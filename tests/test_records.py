@@ -38,6 +38,7 @@ def cli(*args: str, cwd: Path, **popen) -> subprocess.Popen:
 # ---------------------------------------------------------------- records lost
 
 
+@pytest.mark.slow  # a real process of its own (signals, umask, import side effects): make test-slow
 def test_runs_started_together_get_their_own_run_dirs(tmp_path) -> None:
     """Hydra's default run dir is per second; two runs started together each keep their own manifest."""
     runs = [cli("model=tiny-llama", "quant=none", "summary=false", cwd=tmp_path, stderr=subprocess.PIPE) for _ in "ab"]
@@ -244,6 +245,7 @@ def test_killed_cache_build_is_cleaned_up_and_builds_are_locked(tmp_path, monkey
     assert sorted(p.name for p in cache.iterdir()) == [".build-demo.lock", "demo"]
 
 
+@pytest.mark.slow  # a real process of its own (signals, umask, import side effects): make test-slow
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_created_folders_and_files_follow_the_umask(tmp_path, umask) -> None:
     cache, saved = tmp_path / "cache", tmp_path / "saved"
@@ -361,6 +363,7 @@ def test_save_after_a_forward_that_kept_the_weights_is_allowed(tmp_path) -> None
 # ---------------------------------------------------------------- library noise
 
 
+@pytest.mark.slow  # a real process of its own (signals, umask, import side effects): make test-slow
 def test_library_noise_goes_to_the_run_log(tmp_path) -> None:
     result = run_cli("model=tiny-llama", "quant=bnb-int8", "summary=false", run_dir=tmp_path)
     assert result.returncode == 0, result.stderr
