@@ -4,6 +4,7 @@ is one OutputError line with a true final status and no empty leftovers."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -428,10 +429,11 @@ def test_sigkill_in_a_stage_is_settled_killed_in_that_stage(tmp_path, stage, cap
     assert [s["name"] for s in manifest["stages"]] == order[: order.index(stage)]  # the stages it finished
 
 
-def start_sweep(*overrides: str, sweep_dir: Path) -> subprocess.Popen:
+def start_sweep(*overrides: str, sweep_dir: Path, new_session: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "qloader", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
         cwd=REPO, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=new_session,
     )  # fmt: skip
 
 
@@ -550,11 +552,18 @@ def test_an_orphaned_job_never_records_succeeded(tmp_path, launcher) -> None:
     """Before: after the sweep was SIGKILLed, its job went on and recorded `succeeded` for a sweep that no longer
     existed. Now the job watches its sweep, stops and records `killed` in the stage it was in."""
     sweep_dir = tmp_path / "sweep"
-    process = start_sweep(*launcher, *SLOW, "quant=bnb-nf4", sweep_dir=sweep_dir)
-    wait_for(lambda: running_stage(sweep_dir / "0") == "load", process, what="job 0's load")
-    process.kill()
-    process.communicate()
-    wait_for(lambda: running_stage(sweep_dir / "0") is None, timeout=300, what="the job to end")
+    # a session of its own: joblib's idle workers outlive the sweep holding its pipes, so they are ended with
+    # their group afterwards rather than waited for (they exit only after an idle timeout of minutes)
+    process = start_sweep(*launcher, *SLOW, "quant=bnb-nf4", sweep_dir=sweep_dir, new_session=True)
+    try:
+        wait_for(lambda: running_stage(sweep_dir / "0") == "load", process, what="job 0's load")
+        process.kill()
+        process.wait()
+        wait_for(lambda: running_stage(sweep_dir / "0") is None, timeout=300, what="the job to end")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
     manifest = strict_json(sweep_dir / "0" / "manifest.json")
     jsonschema.validate(manifest, SCHEMA)
     assert manifest["status"] == "killed", manifest["status"]
