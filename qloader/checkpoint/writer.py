@@ -122,10 +122,7 @@ def check_save_target(save: DictConfig) -> None:
     folders that killed saves left beside it are removed first: they may hold the space this save needs."""
     target = Path(save.dir).expanduser().absolute()
     remove_dead_saves(target.parent)
-    try:
-        check_writable_dir(target, "save.dir")
-    except OutputError as e:
-        raise OutputError(f"{e}; choose another save.dir") from None
+    check_writable_dir(target, "save.dir", fix="choose another save.dir")
 
 
 def check_save_space(save: DictConfig, footprint_bytes: int) -> None:

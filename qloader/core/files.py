@@ -95,9 +95,9 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
-def check_writable_dir(path: Path, what: str) -> None:
+def check_writable_dir(path: Path, what: str, fix: str | None = None) -> None:
     """Fail before any work if the folder `path` can neither be created nor written: `what` names it
-    in the message (`run dir`, `save.dir`)."""
+    in the message (`run dir`, `save.dir`), `fix` ends it."""
     existing = existing_ancestor(path)
     if not existing.is_dir():
         why = f"cannot be created: '{existing}' is not a directory"
@@ -105,4 +105,4 @@ def check_writable_dir(path: Path, what: str) -> None:
         why = f"cannot be written: '{existing}' is not writable"
     else:
         return
-    raise OutputError(f"{what} '{path}' {why}")
+    raise OutputError(f"{what} '{path}' {why}" + (f"; {fix}" if fix else ""))

@@ -27,9 +27,6 @@ from qloader.quant.merge import check_backend, missing_quant_state
 
 log = logging.getLogger("qloader")
 
-__all__ = ["STAGE_NAMES", "LoadContext", "stages_for"]
-
-
 def resolve(ctx: LoadContext) -> LoadContext:
     """Composed config -> checkpoint folder, transformers config, model class, quantization (merged if
     pre-quantized), dtype. A run that saves locks save.dir first, until the run ends (released here if

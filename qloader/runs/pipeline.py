@@ -11,7 +11,9 @@ from omegaconf import DictConfig
 
 from qloader.core.interrupts import signals_as_interrupt
 from qloader.core.library_logs import library_records_to, own_records_to
-from qloader.loading.stages import STAGE_NAMES, LoadContext, stages_for
+from qloader.core.names import STAGE_NAMES
+from qloader.loading.context import LoadContext
+from qloader.loading.stages import stages_for
 from qloader.measure.memory import measure_stage
 from qloader.runs.manifest import RunManifest
 
