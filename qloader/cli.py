@@ -19,9 +19,11 @@ from qloader.config.schema import register_configs
 from qloader.core.errors import OutputError
 from qloader.core.exits import exit_on_failure
 from qloader.runs.manifest import register_run_dir_resolver
+from qloader.runs.slurm import register_resolver as register_gpus_resolver
 
 register_configs()
 register_run_dir_resolver()
+register_gpus_resolver()
 share_config_store()
 
 
@@ -35,7 +37,8 @@ def _main(cfg: DictConfig) -> str | None:
     if hydra_cfg.mode == RunMode.MULTIRUN:  # a fresh process per job; failures are summed up at the end
         from qloader.runs.sweep import run_job
 
-        return run_job(run_dir, hydra_cfg.job.num, list(hydra_cfg.overrides.task), Path(hydra_cfg.sweep.dir))
+        overrides, sweep_dir = list(hydra_cfg.overrides.task), Path(hydra_cfg.sweep.dir)
+        return run_job(run_dir, hydra_cfg.job.num, overrides, sweep_dir, resume=cfg.sweep.resume)
     with exit_on_failure(run_dir / "manifest.json"):
         choices = {group: hydra_cfg.runtime.choices.get(group) for group in GROUPS}
         result = pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task), choices=choices)

@@ -196,7 +196,8 @@ def test_a_sweep_into_a_used_sweep_dir_is_refused_before_any_job(recorded, tmp_p
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"qloader: error: RunDirInUseError: sweep dir '{sweep_dir}' already holds another sweep's jobs "
-        "(0/manifest.json, 0/.hydra/); choose a new sweep dir (hydra.sweep.dir=NEW): a record is never overwritten"
+        "(0/manifest.json, 0/.hydra/); choose a new sweep dir (hydra.sweep.dir=NEW): a record is never overwritten; "
+        "or sweep.resume=true to run the jobs of an ended sweep that did not succeed"
     ]
     assert "job #0" not in result.stdout
     assert tree(sweep_dir) == before  # no multirun.yaml, no summary, the old job untouched

@@ -66,7 +66,7 @@ def test_failed_job_gets_a_row_and_the_sweep_exits_nonzero(tiny_checkpoint, tmp_
     paths = f"{tiny_checkpoint},{missing},{tiny_checkpoint}"
     result = sweep("model=local", f"model.path={paths}", "quant=none", sweep_dir=tmp_path / "sweep")
     assert result.returncode == 1
-    assert f"1 of 3 jobs failed: #1 (model=local model.path={missing} quant=none)" in result.stderr
+    assert f"1 of 3 jobs did not succeed: #1 (model=local model.path={missing} quant=none: failed)" in result.stderr
     statuses = [json.loads((tmp_path / "sweep" / str(j) / "manifest.json").read_text())["status"] for j in range(3)]
     assert statuses == ["succeeded", "failed", "succeeded"]
     table = pd.read_csv(tmp_path / "sweep" / "summary.csv")
@@ -142,3 +142,38 @@ def test_report_names_a_missing_dir(tmp_path) -> None:
         [Path(sys.executable).with_name("qloader-report"), tmp_path / "nope"], capture_output=True, text=True
     )
     assert out.returncode == 2 and f"sweep dir '{tmp_path / 'nope'}' does not exist" in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_resume_runs_again_only_the_jobs_that_did_not_succeed(tiny_checkpoint, tmp_path, launcher) -> None:
+    """`sweep.resume=true` into the same sweep dir: a job that succeeded with the same config and input hashes
+    is skipped (its record untouched), a failed one runs again (its earlier record kept beside the new one), and
+    the summary covers every job; a changed input byte runs a succeeded job again."""
+    import shutil
+
+    later, sweep_dir = tmp_path / "model-copied-later", tmp_path / "sweep"
+    args = ["model=local", f"model.path={tiny_checkpoint},{later}", "quant=none", f"hydra/launcher={launcher}"]
+    assert sweep(*args, sweep_dir=sweep_dir).returncode == 1  # job 1: no such folder yet
+    job0 = (sweep_dir / "0" / "manifest.json").read_text()
+    shutil.copytree(tiny_checkpoint, later)
+
+    resumed = sweep(*args, "sweep.resume=true", sweep_dir=sweep_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (sweep_dir / "0" / "manifest.json").read_text() == job0 and not (
+        sweep_dir / "0/manifest.attempt-1.json"
+    ).exists()
+    kept, rerun = (
+        json.loads((sweep_dir / "1" / name).read_text()) for name in ("manifest.attempt-1.json", "manifest.json")
+    )
+    assert kept["status"] == "failed" and kept["error"]["type"] == "CheckpointError"
+    assert rerun["status"] == "succeeded" and rerun["previous_attempt"] == "manifest.attempt-1.json"
+    assert list(pd.read_csv(sweep_dir / "summary.csv")["status"]) == ["succeeded", "succeeded"]
+    if launcher == "joblib":
+        return
+    (later / "config.json").write_text((later / "config.json").read_text() + " ")  # one byte more
+    again = sweep(*args, "sweep.resume=true", sweep_dir=sweep_dir)
+    assert again.returncode == 0, again.stderr
+    assert (sweep_dir / "0" / "manifest.json").read_text() == job0
+    assert json.loads((sweep_dir / "1" / "manifest.json").read_text())["previous_attempt"] == "manifest.attempt-2.json"
+    assert "runs again (its input files differ from the ones it loaded)" in again.stdout

@@ -148,6 +148,13 @@ class ValidateConfig:
     3 GB on 2 cores), which a plain unquantized load never does. Off: `weights_fingerprint` is null."""
 
 
+@dataclass
+class SweepConfig:
+    resume: bool = False
+    """Sweep again into an ended sweep's own dir (hydra.sweep.dir=DIR): a job that succeeded there with the same
+    config and input hashes is skipped; the others run again, their earlier records kept as manifest.attempt-N.json."""
+
+
 # ---------------------------------------------------------------- the whole run
 
 
@@ -160,6 +167,7 @@ class QloaderConfig:
     save: SaveConfig = field(default_factory=SaveConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     probe: ProbeConfig = MISSING
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     mode: Mode = Mode["load"]
     """load: run all seven stages. plan: only resolve ... preprocess on the meta device, and print
     the device map, the bytes per device and the estimated peak, reading no tensor data."""

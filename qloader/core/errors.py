@@ -75,6 +75,8 @@ class ProcessDied(QloaderError):
 class RunKilled(KeyboardInterrupt):
     """A termination signal (SIGTERM) arrived during a run; recorded like Ctrl-C, as `status: killed`."""
 
-    def __init__(self, signal_name: str, reason: str | None = None):
+    def __init__(self, signal_name: str, reason: str | None = None, cause: str | None = None):
         self.signal_name = signal_name
+        self.cause = cause
+        """Who stopped the run, where known: the cluster's `time limit`, `cancelled`, `preempted`, ..."""
         super().__init__(reason or f"received {signal_name}")

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from qloader.core.cluster import slurm_job_id, stop_cause
 from qloader.core.errors import RunKilled
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
@@ -41,9 +42,20 @@ def _interrupt_once():
         interrupted = True
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        raise RunKilled(signal.Signals(signum).name, _stop_reason)
+        name = signal.Signals(signum).name
+        if _stop_reason is None and (stop := stop_cause(name)) is not None:  # the cluster's time limit, scancel...
+            raise RunKilled(name, stop[1], cause=stop[0])
+        raise RunKilled(name, _stop_reason)
 
     return interrupt
+
+
+def _handled() -> tuple[signal.Signals, ...]:
+    """SIGINT and SIGTERM; in a SLURM job also SIGUSR2, the warning before its time limit (or at preemption),
+    unless this process already handles it (submitit's own process checkpoints and requeues on it)."""
+    if slurm_job_id() is not None and signal.getsignal(signal.SIGUSR2) in (signal.SIG_DFL, None):
+        return (*HANDLED, signal.SIGUSR2)
+    return HANDLED
 
 
 def stop_this_process(reason: str) -> None:
@@ -63,7 +75,7 @@ def signals_as_interrupt() -> Iterator[None]:
         yield
         return
     handler = _interrupt_once()
-    previous = {sig: signal.signal(sig, handler) for sig in HANDLED}
+    previous = {sig: signal.signal(sig, handler) for sig in _handled()}
     try:
         yield
     finally:
@@ -75,5 +87,5 @@ def install_for_process() -> None:
     """The same handling for the rest of this process (a sweep's launcher, which has no enclosing block)."""
     if threading.current_thread() is threading.main_thread():
         handler = _interrupt_once()
-        for sig in HANDLED:
+        for sig in _handled():
             signal.signal(sig, handler)

@@ -12,6 +12,7 @@ A job process ends with its sweep: if the process that launched it (a joblib wor
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from qloader.core.cluster import restart_count
 from qloader.core.errors import RunKilled
 from qloader.core.interrupts import exit_code, signal_name, stop_this_process
 from qloader.core.processes import is_alive
@@ -36,19 +38,23 @@ SWEEP_OWNER_ENV = "QLOADER_SWEEP_OWNER"
 WATCH_EVERY_S = 0.5
 
 
-def run_in_fresh_process(run_dir: Path, sweep_owner: dict | None = None) -> subprocess.Popen:
+def run_in_fresh_process(run_dir: Path, sweep_owner: dict | None = None, resume: bool = False) -> subprocess.Popen:
     """Run the job saved in `run_dir/.hydra/` in a child process, and wait for it (its `returncode`, 0: succeeded).
 
     If the sweep is interrupted (Ctrl-C, SIGTERM), the child ends with the same signal, records
     `killed`, and is waited for before the interrupt goes on.
     """
     env = {**os.environ, SWEEP_OWNER_ENV: json.dumps(sweep_owner)} if sweep_owner else None
-    child = subprocess.Popen([sys.executable, "-m", "qloader.runs.job", str(run_dir)], env=env)
+    args = ["--resume"] if resume else []
+    child = subprocess.Popen([sys.executable, "-m", "qloader.runs.job", str(run_dir), *args], env=env)
     try:
         child.wait()
         return child
     except KeyboardInterrupt as interrupt:
         stop_job(child, signal.Signals[signal_name(interrupt)])
+        raise
+    except BaseException:  # submitit's own SIGUSR2 handling in a SLURM job: the time limit is near (or requeue)
+        stop_job(child, signal.SIGTERM)  # the job got the cluster's signal too: it is recording `killed`
         raise
 
 
@@ -68,7 +74,7 @@ def stop_job(child: subprocess.Popen, sig: signal.Signals) -> None:
         child.wait()
 
 
-def main(run_dir: Path) -> int:
+def main(run_dir: Path, resume: bool = False) -> int:
     from qloader.config.compose import GROUPS
     from qloader.core.exits import exit_on_failure
     from qloader.runs import pipeline
@@ -80,8 +86,77 @@ def main(run_dir: Path) -> int:
     cfg = _typed(cfg, choices)
     watch = SweepWatch.start()
     with exit_on_failure(run_dir / "manifest.json"):
-        pipeline.run(cfg, run_dir, overrides, choices=choices, before_success=watch.check)
+        previous = None
+        if (run_dir / "manifest.json").exists() and (resume or restart_count() > 0):
+            earlier = _settled_earlier_attempt(run_dir)
+            why_rerun = "requeued by SLURM" if restart_count() > 0 else _why_rerun(earlier, cfg)
+            if why_rerun is None:
+                print(f"qloader: job {run_dir.name}: skipped, it succeeded with this config and these inputs "
+                      f"({run_dir / 'manifest.json'})", flush=True)  # fmt: skip
+                return 0
+            previous = keep_earlier_attempt(run_dir)
+            print(f"qloader: job {run_dir.name}: runs again ({why_rerun}); its earlier record: {previous}", flush=True)
+        pipeline.run(cfg, run_dir, overrides, choices=choices, before_success=watch.check, previous_attempt=previous)
     return 0
+
+
+def _settled_earlier_attempt(run_dir: Path) -> dict:
+    """The job's earlier record, with a final status: one left `running` by a process that has ended (or ran on
+    another node of the cluster, before a requeue) is recorded `killed` first."""
+    from qloader.runs.manifest import record_killed_job, settle_if_orphaned
+
+    data = settle_if_orphaned(run_dir / "manifest.json")
+    if isinstance(data, dict) and data.get("status") == "running" and is_alive(data.get("owner")) is not True:
+        record_killed_job(run_dir, "RunKilled", "its process ended without recording its end; the job runs again",
+                          "preempted" if restart_count() > 0 else None)  # fmt: skip
+        data = json.loads((run_dir / "manifest.json").read_text())
+    if not isinstance(data, dict) or data.get("status") == "running":
+        from qloader.core.errors import RunDirInUseError
+
+        raise RunDirInUseError(
+            f"job dir '{run_dir}' holds a record of a run that is still running (pid {data.get('pid')}); wait "
+            "for it to end, or resume into a new sweep dir (hydra.sweep.dir=NEW)"
+        )
+    return data
+
+
+def _why_rerun(earlier: dict, cfg) -> str | None:
+    """Why a resumed sweep runs this job again (None: it succeeded with the same config and input hashes)."""
+    from qloader.checkpoint.reader import default_hash_cache, inspect_checkpoint
+    from qloader.checkpoint.sources import checkpoint_folder
+    from qloader.runs.manifest import config_hash, resolved_config
+
+    if earlier.get("status") != "succeeded":
+        return f"it ended {earlier.get('status')} before"
+    before, now = dict(earlier.get("config") or {}), resolved_config(cfg)
+    for config in (before, now):
+        config.pop("sweep", None)  # `sweep.resume` itself is not the job's config
+    if config_hash(before) != config_hash(now):
+        return "its config differs from the one that succeeded"
+    try:
+        checkpoint = inspect_checkpoint(
+            checkpoint_folder(cfg.model), hashes=default_hash_cache(trust=not cfg.model.get("verify_hashes", False)),
+            hash_files=True, allow_pickle=cfg.model.allow_pickle,
+        )  # fmt: skip
+    except Exception as e:  # the run itself reports what is wrong with its inputs
+        return f"its inputs cannot be read as before ({type(e).__name__})"
+    files = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in checkpoint.files]
+    if files != (earlier.get("checkpoint") or {}).get("files"):
+        return "its input files differ from the ones it loaded"
+    return None
+
+
+def keep_earlier_attempt(run_dir: Path) -> str:
+    """Move the job's earlier record aside, never over another: `manifest.attempt-N.json`; its name."""
+    for n in itertools.count(1):
+        kept = run_dir / f"manifest.attempt-{n}.json"
+        try:
+            os.link(run_dir / "manifest.json", kept)  # fails if `kept` exists: no record is written over
+        except FileExistsError:
+            continue
+        os.unlink(run_dir / "manifest.json")
+        return kept.name
+    raise AssertionError("unreachable")
 
 
 class SweepWatch:
@@ -137,7 +212,7 @@ def _typed(cfg, choices: dict):
 
 if __name__ == "__main__":
     try:
-        sys.exit(main(Path(sys.argv[1])))
+        sys.exit(main(Path(sys.argv[1]), resume="--resume" in sys.argv[2:]))
     except KeyboardInterrupt as interrupt:  # before the run began: the sweep records the job as killed
         print(f"qloader: killed by {signal_name(interrupt)} before the job began", file=sys.stderr)
         sys.exit(exit_code(interrupt))

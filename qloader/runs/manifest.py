@@ -187,6 +187,7 @@ class RunManifest:
         overrides: list[str],
         choices: dict[str, str] | None = None,
         replay_of: str | None = None,
+        previous_attempt: str | None = None,
     ):
         config = resolved_config(cfg)
         self.path = path
@@ -207,6 +208,7 @@ class RunManifest:
             "overrides": list(overrides),
             "choices": dict(choices or {}),
             "replay_of": replay_of,
+            "previous_attempt": previous_attempt,
             "config_hash": config_hash(config),
             "versions": environment.versions(),
             "hardware": environment.hardware(),
@@ -291,6 +293,8 @@ class RunManifest:
         status = "killed" if isinstance(error, KeyboardInterrupt) else "failed"
         message = str(error) or ("interrupted (SIGINT)" if status == "killed" else type(error).__name__)
         self.data["error"] = {"type": type(error).__name__, "message": message, "stage": stage}
+        if getattr(error, "cause", None):
+            self.data["error"]["cause"] = error.cause
         try:
             return self._finish(status, ctx)
         except OutputError:
@@ -298,7 +302,7 @@ class RunManifest:
             return self.data
 
 
-def record_killed_job(job_dir: Path, error_type: str, message: str) -> str:
+def record_killed_job(job_dir: Path, error_type: str, message: str, cause: str | None = None) -> str:
     """After an interrupted sweep: a job whose process ended without writing its end becomes `killed`.
 
     A manifest still `running` gets the status and the error; a job dir with no manifest (the job was
@@ -316,7 +320,7 @@ def record_killed_job(job_dir: Path, error_type: str, message: str) -> str:
         stage = _stage_name(data.get("running_stage"))
         data.update(
             status="killed", finished_at=_now(), running_stage=None,
-            error={"type": error_type, "message": message, "stage": stage},
+            error={"type": error_type, "message": message, "stage": stage, **({"cause": cause} if cause else {})},
         )  # fmt: skip
         write_json_atomic(path, data)
         return "killed"
@@ -327,6 +331,8 @@ def record_killed_job(job_dir: Path, error_type: str, message: str) -> str:
     overrides = list(OmegaConf.load(hydra_dir / "overrides.yaml")) if (hydra_dir / "overrides.yaml").is_file() else []
     manifest = RunManifest(path, cfg, overrides)
     manifest.data["error"] = {"type": error_type, "message": message, "stage": None}
+    if cause:
+        manifest.data["error"]["cause"] = cause
     manifest._finish("killed", None)
     return "killed"
 

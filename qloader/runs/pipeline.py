@@ -107,15 +107,17 @@ def run(
     choices: dict[str, str] | None = None,
     replay_of: str | None = None,
     before_success: Callable[[], None] | None = None,
+    previous_attempt: str | None = None,
 ) -> LoadResult:
     """Compose -> stages -> manifest. Any failure leaves a `failed` manifest and re-raises.
 
     `choices` are the config-group options the run composed (model, quant, ...); `replay_of` links
     a replay to the manifest it re-runs. Ctrl-C and SIGTERM leave a `killed` manifest naming the stage.
     `before_success` runs before `succeeded` is recorded and may raise to record the run otherwise (a sweep
-    job whose sweep has ended). A final record that cannot be written leaves `failed` (OutputError) and re-raises.
+    job whose sweep has ended); `previous_attempt` names the record of this job's earlier attempt (a requeued or
+    resumed sweep job). A final record that cannot be written leaves `failed` (OutputError) and re-raises.
     """
-    manifest = RunManifest(Path(run_dir) / "manifest.json", cfg, overrides, choices, replay_of)
+    manifest = RunManifest(Path(run_dir) / "manifest.json", cfg, overrides, choices, replay_of, previous_attempt)
     ctx, current, watch = LoadContext(cfg=cfg, overrides=tuple(overrides)), None, None
     stages_done = False
     with signals_as_interrupt():

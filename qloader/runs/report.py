@@ -127,7 +127,7 @@ def _manifest_row(row: dict, m: dict) -> dict:
     )
     row["_model"] = _model_name(m)
     row["_planned_footprint_mib"] = _mib((m.get("plan") or {}).get("footprint_bytes"))
-    row["_error_type"] = (m["error"] or {}).get("type")
+    row["_error_type"] = (m["error"] or {}).get("cause") or (m["error"] or {}).get("type")  # `killed: time limit`
     return row
 
 
@@ -235,7 +235,7 @@ def _shorten(text: str, width: int = 90) -> str:
 
 
 def _failure(row: dict) -> str:
-    """`failed: CheckpointError`, `killed: KeyboardInterrupt`, `missing`."""
+    """`failed: CheckpointError`, `killed: KeyboardInterrupt`, `killed: time limit` (the cluster's cause), `missing`."""
     kind = row.get("_error_type")
     if not kind and row["status"] in ("failed", "killed") and row["error"]:
         kind = row["error"].partition(":")[0]

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from qloader.core.cluster import TIMEOUT_SIGNAL, slurm_job_id, stop_cause
 from qloader.core.interrupts import exit_code, install_for_process, signal_name, signals_as_interrupt
 
 JOB_EXIT_GRACE_S = 60.0
@@ -52,7 +53,11 @@ def claim_sweep_dir(config: DictConfig) -> None:
             ]
         )
     sweep_dir = Path(config.hydra.sweep.dir)
-    fix = "choose a new sweep dir (hydra.sweep.dir=NEW): a record is never overwritten"
+    if (config.get("sweep") or {}).get("resume"):
+        _reclaim_sweep_dir(sweep_dir, config)
+        return
+    fix = ("choose a new sweep dir (hydra.sweep.dir=NEW): a record is never overwritten; or sweep.resume=true to "
+           "run the jobs of an ended sweep that did not succeed")  # fmt: skip
     if found := _records_in(sweep_dir):
         raise RunDirInUseError(f"sweep dir '{sweep_dir}' already holds another sweep's jobs ({found}); {fix}")
     kept = existing_ancestor(sweep_dir.absolute())
@@ -66,6 +71,38 @@ def claim_sweep_dir(config: DictConfig) -> None:
     _record_sweep_owner(sweep_dir, kept, config)
 
 
+def _reclaim_sweep_dir(sweep_dir: Path, config: DictConfig) -> None:
+    """`sweep.resume=true`: the dir must hold an ended sweep (or nothing yet); this sweep becomes its owner, the
+    earlier owners kept in `sweep.json`'s `earlier` list."""
+    from qloader.core.errors import ConfigError, RunDirInUseError
+    from qloader.core.files import write_json_atomic
+    from qloader.core.processes import is_alive, process_identity
+
+    record_path = sweep_dir / SWEEP_RECORDS / "sweep.json"
+    if not record_path.is_file():
+        if _records_in(sweep_dir):
+            raise ConfigError([f"sweep.resume=true: sweep dir '{sweep_dir}' holds no sweep record "
+                               f"({SWEEP_RECORDS}/sweep.json); resume a dir a qloader sweep wrote, or sweep into a new "
+                               "one"])  # fmt: skip
+        (sweep_dir / SWEEP_RECORDS).mkdir(parents=True, exist_ok=True)
+        record: dict = {}
+    else:
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError) as e:
+            why = f"sweep.resume=true: {record_path} cannot be read ({e}); sweep into a new dir"
+            raise ConfigError([why]) from None
+    if is_alive(record.get("owner")):
+        raise RunDirInUseError(
+            f"sweep dir '{sweep_dir}' belongs to a sweep that is still running (pid {record['owner']['pid']}); wait "
+            "for it to end before resuming it"
+        )
+    earlier = [*record.get("earlier", []), {k: v for k, v in record.items() if k != "earlier"}] if record else []
+    new = {"owner": process_identity(), "overrides": list(config.hydra.overrides.task), "status": "running",
+           "earlier": earlier}  # fmt: skip
+    write_json_atomic(record_path, new)
+
+
 def _records_in(sweep_dir: Path) -> str | None:
     """The first records of other runs that `sweep_dir` holds, named for the message; None if it holds none."""
     found = [f"{p.relative_to(sweep_dir)}{end}" for pattern, end in RECORDS for p in sorted(sweep_dir.glob(pattern))]
@@ -77,7 +114,7 @@ def _record_sweep_owner(sweep_dir: Path, kept: Path, config: DictConfig) -> None
     from qloader.core.files import remove_empty_folders, write_json_atomic
     from qloader.core.processes import process_identity
 
-    record = {"owner": process_identity(), "overrides": list(config.hydra.overrides.task)}
+    record = {"owner": process_identity(), "overrides": list(config.hydra.overrides.task), "status": "running"}
     try:
         write_json_atomic(sweep_dir / SWEEP_RECORDS / "sweep.json", record, exclusive=True)
     except OSError as e:
@@ -102,6 +139,23 @@ def sweep_owner(sweep_dir: Path | None) -> dict | None:
     return record.get("owner") if isinstance(record, dict) and isinstance(record.get("owner"), dict) else None
 
 
+def record_sweep_end(sweep_dir: Path | None, status: str, error: str | None = None) -> None:
+    """`.qloader/sweep.json` gets the sweep's end: `succeeded`, `failed` (a job did not succeed, or the launcher
+    failed: `error`) or `killed`; never left `running`."""
+    from datetime import datetime, timezone
+
+    from qloader.core.files import write_json_atomic
+
+    path = Path(sweep_dir or "") / SWEEP_RECORDS / "sweep.json"
+    try:
+        record = json.loads(path.read_text())
+        record.update(status=status, finished_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                      error=error)  # fmt: skip
+        write_json_atomic(path, record)
+    except (OSError, ValueError, AttributeError):  # no record to end (a sweep refused before it claimed its dir)
+        pass
+
+
 def _status(run_dir: Path) -> str:
     try:
         return json.loads((run_dir / "manifest.json").read_text())["status"]
@@ -109,8 +163,11 @@ def _status(run_dir: Path) -> str:
         return "missing"
 
 
-def run_job(run_dir: Path, job_num: int, overrides: list[str], sweep_dir: Path | None = None) -> str:
-    """One sweep job: a line as it starts and ends, its load in a child process; returns its status."""
+def run_job(
+    run_dir: Path, job_num: int, overrides: list[str], sweep_dir: Path | None = None, resume: bool = False
+) -> str:
+    """One sweep job: a line as it starts and ends, its load in a child process; returns its status. `resume`: a
+    job that already succeeded in `run_dir` with the same config and inputs is not run again."""
     from qloader.runs.job import run_in_fresh_process
 
     label = f"#{job_num} {' '.join(overrides)}"
@@ -120,12 +177,22 @@ def run_job(run_dir: Path, job_num: int, overrides: list[str], sweep_dir: Path |
     print(f"qloader: job {label}: started", flush=True)
     start = time.perf_counter()
     try:
-        with signals_as_interrupt():
-            child = run_in_fresh_process(run_dir, sweep_owner(sweep_dir))
+        # In a SLURM job the cluster's SIGTERM (time limit, scancel) reaches the job's process too, which records
+        # it; this process leaves it to submitit, which ignores it and hands the job's status back as its result.
+        with signals_as_interrupt() if slurm_job_id() is None else contextlib.nullcontext():
+            child = run_in_fresh_process(run_dir, sweep_owner(sweep_dir), resume=resume)
     except KeyboardInterrupt as interrupt:
         _settle_job(run_dir, *_interrupted(signal_name(interrupt)))
         print(f"qloader: job {label}: {_status(run_dir)} in {time.perf_counter() - start:.1f} s", flush=True)
         raise
+    except Exception as stop:  # submitit in a SLURM job: its time limit is near and it will not be requeued
+        if slurm_job_id() is None:
+            raise
+        cause = stop_cause(TIMEOUT_SIGNAL)
+        _settle_job(run_dir, "RunKilled", f"the cluster stopped the job ({' '.join(str(stop).split())[:200]})",
+                    cause[0] if cause else None)  # fmt: skip
+        print(f"qloader: job {label}: {_status(run_dir)} in {time.perf_counter() - start:.1f} s", flush=True)
+        return _status(run_dir)
     status = _job_outcome(run_dir, job_num, overrides, child, sweep_dir)
     print(f"qloader: job {label}: {status} in {time.perf_counter() - start:.1f} s", flush=True)
     return status
@@ -187,14 +254,21 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         SweepSummary.active_sweep_dir = Path(config.hydra.sweep.dir)
         install_for_process()  # SIGTERM too ends the sweep through `end_interrupted_sweep`
+        from qloader.runs import slurm
+
+        if slurm.is_slurm_sweep(config):
+            slurm.prepare_sweep(SweepSummary.active_sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = _summary(sweep_dir)
-        failed = [f"#{r['job']} ({r['overrides']})" for r in rows if r["status"] != "succeeded"]
+        failed = [f"#{r['job']} ({r['overrides']}: {r['status']})" for r in rows if r["status"] != "succeeded"]
         if failed:
-            print(f"qloader: {len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}", file=sys.stderr)
+            message = f"{len(failed)} of {len(rows)} jobs did not succeed: {', '.join(failed)}"
+            record_sweep_end(sweep_dir, "failed", message)
+            print(f"qloader: {message}", file=sys.stderr)
             sys.exit(1)
+        record_sweep_end(sweep_dir, "succeeded")
 
 
 def end_interrupted_sweep(interrupt: KeyboardInterrupt) -> int:
@@ -206,6 +280,7 @@ def end_interrupted_sweep(interrupt: KeyboardInterrupt) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # the sweep is ending: a repeated Ctrl-C must not cut this short
         signal.signal(sig, signal.SIG_IGN)
     rows = _settle_all(sweep_dir, *_interrupted(name))
+    record_sweep_end(sweep_dir, "killed", f"interrupted by {name}")
     done = sum(r["status"] == "succeeded" for r in rows)
     killed = [f"#{r['job']}" for r in rows if r["status"] == "killed"]
     print(
@@ -217,15 +292,24 @@ def end_interrupted_sweep(interrupt: KeyboardInterrupt) -> int:
 
 
 def end_broken_sweep(error: Exception) -> int:
-    """The launcher failed mid-sweep (joblib's TerminatedWorkerError when a worker was killed): every job settled,
-    the summary written, one line naming the error and the jobs that did not succeed; the exit code (1)."""
-    why = f"{type(error).__name__}: {' '.join(str(error).split())}"
-    why = why if len(why) <= 200 else why[:199] + "…"
+    """The launcher failed mid-sweep (joblib's TerminatedWorkerError when a worker was killed, sbatch refusing the
+    jobs): every job settled, the summary written, one line naming the error and the jobs that did not succeed;
+    the exit code (1)."""
+    from qloader.runs.report import job_dirs
+    from qloader.runs.slurm import sbatch_refusal
+
+    why = sbatch_refusal(error) or f"{type(error).__name__}: {' '.join(str(error).split())}"
+    why = why if len(why) <= 400 else why[:399] + "…"
     sweep_dir = SweepSummary.active_sweep_dir
     if sweep_dir is None or not sweep_dir.is_dir():
         print(f"qloader: error: the sweep failed before any job began ({why})", file=sys.stderr)
         return 1
+    if not job_dirs(sweep_dir):  # refused before any job was launched (sbatch): no table of no rows
+        record_sweep_end(sweep_dir, "failed", why)
+        print(f"qloader: error: the sweep failed before any job began: {why}", file=sys.stderr)
+        return 1
     rows = _settle_all(sweep_dir, "RunKilled", f"the sweep's launcher failed while this job ran ({why})")
+    record_sweep_end(sweep_dir, "failed", why)
     done = sum(r["status"] == "succeeded" for r in rows)
     others = [f"#{r['job']} ({r['status']})" for r in rows if r["status"] != "succeeded"]
     print(
@@ -264,7 +348,7 @@ def _summary(sweep_dir: Path) -> list[dict]:
     return rows
 
 
-def _settle_job(job_dir: Path, error_type: str, message: str) -> None:
+def _settle_job(job_dir: Path, error_type: str, message: str, cause: str | None = None) -> None:
     """Wait for the job's own process to record its end; if it cannot, record `killed` for it."""
     from qloader.runs.manifest import record_killed_job
 
@@ -275,7 +359,7 @@ def _settle_job(job_dir: Path, error_type: str, message: str) -> None:
         pid = _running_pid(job_dir)
     if pid is not None and _is_job_process(pid, job_dir):
         os.kill(pid, 9)  # it did not record its end in time: stop it, and record it here
-    record_killed_job(job_dir, error_type, message)
+    record_killed_job(job_dir, error_type, message, cause)
 
 
 def _running_pid(job_dir: Path) -> int | None:
