@@ -4,6 +4,7 @@ the size cap evicts least recently used entries; one writer per entry; `qloader 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -64,6 +65,16 @@ def test_hit_is_the_fresh_quantize_on_load(load, quant) -> None:
     assert hit.manifest["config_hash"] == miss.manifest["config_hash"]
     assert hit.manifest["weights_fingerprint"] == miss.manifest["weights_fingerprint"] is not None
     assert_same_weights(hit.model, miss.model)  # quant states and torchao's inner tensors, torch.equal
+
+
+def test_replay_of_a_miss_is_a_hit_and_the_same_run(load, tmp_path) -> None:
+    from qloader.runs.replay import ReplayOptions, replay
+
+    miss = load("quant=bnb-nf4")
+    rows, now = replay(miss.run_dir / "manifest.json", ReplayOptions(run_dir=tmp_path / "replay"), check_only=False)
+    assert cache_of(miss)["status"] == "miss" and now["cache"]["status"] == "hit"
+    assert [r.item for r in rows if r.decisive and not r.equal] == []
+    assert now["weights_fingerprint"] == miss.manifest["weights_fingerprint"]
 
 
 def test_changed_byte_setting_or_dtype_is_a_miss(cache_root, tiny_checkpoint, tmp_path) -> None:
@@ -151,6 +162,27 @@ def test_damaged_entry_is_removed_and_rebuilt_with_one_warning(load, damage, cap
     hit = load("quant=bnb-nf4")
     assert cache_of(hit)["status"] == "hit"
     assert_same_weights(hit.model, first.model)
+
+
+def test_verify_hashes_rehashes_the_entry(load, caplog) -> None:
+    """A hash cache that vouches for a changed entry file (as if its identity had been restored) is believed only
+    without model.verify_hashes; with it every entry file is hashed afresh and the damage found."""
+    from qloader.checkpoint.reader import default_hash_cache
+
+    entry = Path(cache_of(load("quant=bnb-nf4"))["path"])
+    shard = entry / "model.safetensors"
+    record = json.loads((entry / quantized_cache.RECORD).read_text())
+    written = next(f["sha256"] for f in record["files"] if f["name"] == shard.name)
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    hashes = default_hash_cache()
+    hashes.remember(shard, written)  # the stale digest, for the file's new identity
+    hashes.save()
+    caplog.clear()
+    verified = cache_of(load("quant=bnb-nf4", "model.verify_hashes=true"))
+    assert verified["status"] == "miss" and verified["stored"] is True
+    assert any("changed since it was written" in r.getMessage() for r in caplog.records)
 
 
 def test_eviction_keeps_least_recently_used_out(load) -> None:
