@@ -203,6 +203,21 @@ def test_entry_larger_than_max_bytes_is_not_stored(load, cache_root) -> None:
     assert quantized_cache.list_entries() == []
 
 
+def test_a_write_that_fails_leaves_nothing_and_the_load_goes_on(load, cache_root, monkeypatch) -> None:
+    from qloader.checkpoint import writer
+
+    def full_disk(model, source, folder, max_shard_size) -> None:
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "write_checkpoint_files", full_disk)
+    result = load("quant=bnb-nf4")
+    cache = cache_of(result)
+    assert result.manifest["status"] == "succeeded" and cache["status"] == "miss" and cache["stored"] is False
+    assert "writing it failed (OSError: [Errno 28] No space left on device)" in cache["reason"]
+    assert list(cache_root.iterdir()) == []  # no entry, no temp folder, no lock file
+
+
 def test_one_writer_per_entry(load, cache_root) -> None:
     """While another run holds the entry's lock (this process stands in for it), a miss loads and stores nothing."""
     key = cache_of(load("quant=bnb-int8"))

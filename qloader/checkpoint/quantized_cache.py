@@ -167,7 +167,9 @@ def store_entry(
         remove_dead_temps([p for p in root.glob(".*") if WRITING in p.name or REMOVING in p.name], "cache temp(s)")
         lock = OwnerLock(root / key, "quantized cache entry", "this run does not store it").acquire()
     except OutputError as e:
-        return None, f"another run is writing it ({e})"
+        return None, f"another run is writing it ({e})" if "another run" in str(e) else str(e)
+    except OSError as e:
+        return None, f"the cache folder {root} cannot be written ({type(e).__name__}: {e})"
     try:
         if (root / key).is_dir():
             return None, "another run stored it meanwhile"
@@ -175,7 +177,7 @@ def store_entry(
         if (free := shutil.disk_usage(root).free) < need_bytes:
             return None, f"{root} has {mib(free)} free, the quantized model needs about {mib(need_bytes)}"
         record = _write_entry(root, key, record, write)
-    except OSError as e:
+    except Exception as e:  # a full disk, or a serializer that refuses the model: the load itself goes on
         return None, f"writing it failed ({type(e).__name__}: {e})"
     finally:
         lock.release()
