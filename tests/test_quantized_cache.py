@@ -164,6 +164,16 @@ def test_damaged_entry_is_removed_and_rebuilt_with_one_warning(load, damage, cap
     assert_same_weights(hit.model, first.model)
 
 
+def test_temp_folder_of_a_killed_writer_is_removed(load, cache_root, caplog) -> None:
+    cache_root.mkdir(parents=True)
+    half = cache_root / f".{'0' * 32}.pid999999-1{quantized_cache.WRITING}abcd"  # no such process
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"half a write")
+    assert cache_of(load("quant=bnb-nf4"))["stored"] is True
+    assert not half.exists()
+    assert any("quantized cache temp folder(s) left by a process that died" in r.getMessage() for r in caplog.records)
+
+
 def test_verify_hashes_rehashes_the_entry(load, caplog) -> None:
     """A hash cache that vouches for a changed entry file (as if its identity had been restored) is believed only
     without model.verify_hashes; with it every entry file is hashed afresh and the damage found."""

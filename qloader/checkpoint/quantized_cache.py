@@ -164,7 +164,7 @@ def store_entry(
         return None, f"the quantized model ({mib(need_bytes)}) is larger than cache.max_bytes ({mib(max_bytes)})"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        remove_dead_temps([p for p in root.glob(".*") if WRITING in p.name or REMOVING in p.name], "cache temp(s)")
+        remove_dead_writes(root)
         lock = OwnerLock(root / key, "quantized cache entry", "this run does not store it").acquire()
     except OutputError as e:
         return None, f"another run is writing it ({e})" if "another run" in str(e) else str(e)
@@ -272,10 +272,15 @@ def clear() -> tuple[list[dict], list[dict]]:
     removed, kept = [], []
     for row in list_entries():
         (removed if remove_entry(Path(row["path"])) else kept).append(row)
-    root = quantized_root()
-    if root.is_dir():
-        remove_dead_temps([p for p in root.glob(".*") if WRITING in p.name or REMOVING in p.name], "cache temp(s)")
+    if quantized_root().is_dir():
+        remove_dead_writes(quantized_root())
     return removed, kept
+
+
+def remove_dead_writes(root: Path) -> None:
+    """Temp folders of entries whose writer (or remover) died, with one warning."""
+    temps = [p for p in root.glob(".*") if WRITING in p.name or REMOVING in p.name]
+    remove_dead_temps(temps, "quantized cache temp folder(s)")
 
 
 def max_bytes(setting: int | str) -> int:
