@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -186,10 +187,6 @@ def child(loader: str, mode: str, checkpoint: str, run_dir: str) -> dict:
 
     split = LoadSplit().install()
     kernel = None
-    if loader == "qloader":  # a first load: nothing in the quantized cache (this benchmark's own cache dir)
-        from qloader.checkpoint.quantized_cache import clear
-
-        clear()
     if loader.startswith("qloader"):
         import qloader
 
@@ -255,8 +252,10 @@ CHILD_ENV: dict[str, str] = {}
 
 def run_child(loader: str, mode: str, checkpoint: Path, run_dir: Path, env: dict | None = None) -> dict:
     """One fresh process: its own JSON row, plus what the parent saw of it (wall, CPU seconds, peak RSS)."""
-    load_before = os.getloadavg()
     env = {**CHILD_ENV, **(env or {})}
+    if loader == "qloader" and "QLOADER_CACHE" in env:  # a first load: its quantized cache emptied, outside its time
+        shutil.rmtree(Path(env["QLOADER_CACHE"]) / "quantized", ignore_errors=True)
+    load_before = os.getloadavg()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(
