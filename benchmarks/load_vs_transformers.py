@@ -3,6 +3,9 @@
     python benchmarks/load_vs_transformers.py            # every mode: 3 rounds each, 2 for torchao and quanto
     python benchmarks/load_vs_transformers.py --modes nf4-dq --pairs 3
     python benchmarks/load_vs_transformers.py --modes torchao-int8wo,quanto-int8 --method-pairs 1
+    # a quick check that the script works (tiny models; the figures mean nothing):
+    python benchmarks/load_vs_transformers.py --modes none,smollm2-nf4 --pairs 1 --model model=tiny-llama \
+        --method-model model=tiny-llama --out /tmp/bench
 
 The bitsandbytes modes and `none` load `model=synthetic-1b` (about 1B parameters, bf16, 4 shards of
 at most 512 MiB), generated once into the qloader cache. The torchao and optimum-quanto methods load
@@ -19,7 +22,17 @@ Every run is measured twice over:
   tensors from the shards, the quantization kernel, the rest of quantizing (double quantization,
   packing, dtype conversion), and the rest;
 - as a whole process: wall time from spawn to exit, CPU seconds and peak RSS (`os.wait4`).
-`os.getloadavg()` is recorded before every run: the machine may be shared.
+`os.getloadavg()` is recorded before every run. Before every pair the script waits until the 1-minute load
+average is at most `--max-load` (default: half the cores, 1.0 on a 2-core machine), for at most `--max-wait`
+seconds, and then refuses to go on, saying so: on a busy machine bitsandbytes' and torch's threaded kernels slow
+down far more than qloader's own code, so ratios measured there are not results. The report records the load
+average before each pair and marks a run whose threshold was raised above half the cores.
+
+Sides: `qloader` (its defaults: a first load, which quantizes and stores the model in its quantized cache, a
+cache emptied before each such run), `transformers`, variants of qloader with the quantized cache off, and, for
+the modes whose method can save, `qloader-cached`: qloader loading the entry its `qloader` run of the same pair
+stored (a cache hit, checked in the manifest), against transformers quantizing on load. Every child uses a
+qloader cache of the benchmark's own (its quantized cache is emptied), never the user's.
 One unmeasured run per side first warms the page cache, qloader's hash caches and the compiled
 kernels (with `quant.kernel=fused`, so the kernel cache holds what `auto` looks for); a run with an
 empty qloader cache measures the kernel's compile.
@@ -31,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,10 +78,11 @@ SMALL_MODEL_MODES = (*METHODS, "smollm2-nf4")
 ORDER = ("nf4-dq", "int8", "none", "smollm2-nf4", *METHODS)
 # Each side: None for plain transformers, else qloader's extra overrides.
 SIDES = {
-    "qloader": [],
+    "qloader": [],  # a first load: the quantized cache is emptied first, so it quantizes and stores
     "transformers": None,
-    "qloader-nofp": ["validate.fingerprint=false"],  # what the fingerprint itself costs
-    "qloader-bnb": ["quant.kernel=bnb"],  # bitsandbytes' own kernels, as before `auto`
+    "qloader-nofp": ["validate.fingerprint=false", "cache.quantized=false"],  # what the fingerprint itself costs
+    "qloader-bnb": ["quant.kernel=bnb", "cache.quantized=false"],  # bitsandbytes' own kernels, as before `auto`
+    "qloader-cached": [],  # a cache hit: the entry the pair's `qloader` run stored
 }
 WARM = ["quant.kernel=fused"]  # the warm-up builds the compiled kernels' cache
 
@@ -75,9 +90,19 @@ WARM = ["quant.kernel=fused"]  # the warm-up builds the compiled kernels' cache
 def sides_for(mode: str) -> list[str]:
     if mode == "none":
         return ["qloader", "transformers", "qloader-nofp"]
+    cached = ["qloader-cached"] if cacheable(mode) else []
     if mode in ("nf4-dq", "int8", "smollm2-nf4"):
-        return ["qloader", "transformers", "qloader-bnb"]
-    return ["qloader", "transformers"]
+        return ["qloader", "transformers", "qloader-bnb", *cached]
+    return ["qloader", "transformers", *cached]
+
+
+def cacheable(mode: str) -> bool:
+    """Whether qloader keeps this mode's quantized model in its cache: the method's plug-in can save it."""
+    from qloader.config.compose import compose
+
+    quant = compose(MODES[mode]).quant
+    method = quant_options().get(MODES[mode][0].removeprefix("quant="))
+    return method is not None and method.check_save(quant) is None
 
 
 def quantization_config(mode: str):
@@ -207,7 +232,11 @@ def child(loader: str, mode: str, checkpoint: str, run_dir: str) -> dict:
             largest_shard_bytes=manifest["environment"]["largest_shard_bytes"],
             load_stage_anon_peak_bytes=load_stage["anon_peak_bytes"],
             stages={s["name"]: s["wall_s"] for s in manifest["stages"]},
+            cache=manifest.get("cache"),
         )
+        status = (manifest.get("cache") or {}).get("status")
+        if loader == "qloader-cached" and status != "hit":
+            raise RuntimeError(f"qloader-cached: the load was no cache hit ({manifest.get('cache')})")
     elif kernel is not None:
         kernel = kernel.as_dict()
     row["kernel"] = kernel
@@ -217,8 +246,15 @@ def child(loader: str, mode: str, checkpoint: str, run_dir: str) -> dict:
 # ---------------------------------------------------------------- the side-by-side runs
 
 
+CHILD_ENV: dict[str, str] = {}
+"""Set by `main`: the children's own QLOADER_CACHE (never the user's), with the quantized cache on."""
+
+
 def run_child(loader: str, mode: str, checkpoint: Path, run_dir: Path, env: dict | None = None) -> dict:
     """One fresh process: its own JSON row, plus what the parent saw of it (wall, CPU seconds, peak RSS)."""
+    env = {**CHILD_ENV, **(env or {})}
+    if loader == "qloader" and "QLOADER_CACHE" in env:  # a first load: its quantized cache emptied, outside its time
+        shutil.rmtree(Path(env["QLOADER_CACHE"]) / "quantized", ignore_errors=True)
     load_before = os.getloadavg()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
@@ -226,7 +262,7 @@ def run_child(loader: str, mode: str, checkpoint: Path, run_dir: Path, env: dict
             [sys.executable, __file__, "--child", loader, mode, str(checkpoint), str(run_dir)],
             stdout=out,
             stderr=err,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **env},
         )
         _, status, usage = os.wait4(proc.pid, 0)
         process_s = time.perf_counter() - start
@@ -274,17 +310,10 @@ def summarize(rows: list[dict], mode: str) -> dict:
     for variant in [side for side in sides if side != "transformers"]:
         pairs = list(zip(by[variant], by["transformers"], strict=True))
         for key in ("wall_s", "rss_peak_bytes", "anon_peak_bytes"):
-            ratios = [a[key] / b[key] for a, b in pairs]
-            out[f"{variant}/{key}_ratio"] = {
-                "median": statistics.median(ratios),
-                "per_pair": [round(r, 3) for r in ratios],
-            }
+            out[f"{variant}/{key}_ratio"] = ratio_summary([a[key] / b[key] for a, b in pairs])
         for key in ("wall_s", "rss_peak_bytes"):
             ratios = [a["process"][key] / b["process"][key] for a, b in pairs]
-            out[f"{variant}/process_{key}_ratio"] = {
-                "median": statistics.median(ratios),
-                "per_pair": [round(r, 3) for r in ratios],
-            }
+            out[f"{variant}/process_{key}_ratio"] = ratio_summary(ratios)
     q = by["qloader"]
     out["kernel"] = {k: q[0]["kernel"].get(k) for k in ("kernel", "requested", "reason")} if q[0]["kernel"] else None
     budget = statistics.median(r["footprint_bytes"] + r["largest_shard_bytes"] for r in q)
@@ -294,7 +323,18 @@ def summarize(rows: list[dict], mode: str) -> dict:
     out["qloader_stages_s"] = {k: statistics.median(r["stages"][k] for r in q) for k in q[0]["stages"]}
     out["load_stage_s"] = {side: _median(by[side], "stages", "load") for side in sides if side != "transformers"}
     out["loadavg_before"] = [r["process"]["loadavg_before"][0] for r in rows]
+    out["loadavg_before_pairs"] = sorted({r["pair"]: r["pair_loadavg"] for r in rows}.items())
     return out
+
+
+def ratio_summary(ratios: list[float]) -> dict:
+    """The per-pair ratios (side / transformers), their median, min and max."""
+    return {
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "per_pair": [round(r, 3) for r in ratios],
+    }
 
 
 def _ratio(summary: dict, side: str, key: str) -> str:
@@ -306,13 +346,29 @@ def _speedup(summary: dict, side: str, key: str) -> str:
     return "" if side == "transformers" else f"{1 / summary[f'{side}/{key}_ratio']['median']:.2f}x"
 
 
+def _spread(summary: dict, side: str, key: str) -> str:
+    """`0.49 (0.47-0.52)`: the median per-pair ratio, with the smallest and largest."""
+    if side == "transformers":
+        return "1"
+    r = summary[f"{side}/{key}_ratio"]
+    return f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"
+
+
 def markdown(report: dict) -> str:
     summaries, machine, models = report["summaries"], report["machine"], report["models"]
     if not summaries:
         return "No mode completed.\n" + "".join(f"- {f['mode']}: {f['error']}\n" for f in report["failures"])
     pairs = sorted({s["pairs"] for s in summaries})
     loads = [x for s in summaries for x in s["loadavg_before"]]
+    pair_loads = [load for s in summaries for _, load in s["loadavg_before_pairs"]]
+    gate = report["gate"]
+    quiet = gate["max_load"] <= gate["default_max_load"]
     lines = [
+        f"Load average gate: before every pair the 1-minute load average had to be at most {gate['max_load']:.2f} "
+        f"(half the cores: {gate['default_max_load']:.2f}); before the pairs it was {min(pair_loads):.2f} to "
+        f"{max(pair_loads):.2f}."
+        + ("" if quiet else " **The threshold was raised: a busy machine, these figures are not results.**"),
+        "",
         f"Machine: {machine['cpu_model']}, {machine['cpu_cores']} cores, {mib(machine['ram_bytes'])} RAM, "
         f"GPUs: {machine['gpus'] or 'none'} (CUDA columns: not measured). Medians of "
         f"{'/'.join(map(str, pairs))} alternating rounds, fresh processes. 1-minute load average before the "
@@ -323,9 +379,9 @@ def markdown(report: dict) -> str:
         "Load call (in the process) and whole process (spawn to exit). Ratio = qloader / transformers, the median "
         "of the per-round ratios; speed-up = 1 / ratio.",
         "",
-        "| mode | side | load s | load speed-up | process s | process speed-up | process CPU s | process peak RSS "
-        "| RSS ratio (process) | peak anon (load) | anon ratio | footprint |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | side | load s | load speed-up | process s | process speed-up | process ratio (min-max) "
+        "| process CPU s | process peak RSS | RSS ratio (process) | peak anon (load) | anon ratio | footprint |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         w, a, p = s["wall_s"], s["anon_peak_bytes"], s
@@ -333,7 +389,8 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {s['mode']} | {side} | {w[side]:.2f} | {_speedup(s, side, 'wall_s')} "
                 f"| {p['process_wall_s'][side]:.2f} | {_speedup(s, side, 'process_wall_s')} "
-                f"| {p['process_cpu_s'][side]:.1f} | {mib(p['process_rss_peak_bytes'][side])} "
+                f"| {_spread(s, side, 'process_wall_s')} | {p['process_cpu_s'][side]:.1f} "
+                f"| {mib(p['process_rss_peak_bytes'][side])} "
                 f"| {_ratio(s, side, 'process_rss_peak_bytes')} | {mib(a[side])} "
                 f"| {_ratio(s, side, 'anon_peak_bytes')} "
                 f"| {mib(s['footprint_bytes']) if side == 'qloader' else ''} |"
@@ -391,6 +448,21 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(ORDER), help="comma-separated: " + ", ".join(ORDER))
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--method-pairs", type=int, default=2, help="rounds for the torchao and quanto methods")
+    cores = os.cpu_count() or 1
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=cores / 2,
+        help=f"the most 1-minute load average a pair may start at (default half the cores: {cores / 2})",
+    )
+    parser.add_argument(
+        "--max-wait", type=float, default=600, help="seconds to wait for the load average before refusing"
+    )
+    parser.add_argument("--model", default=MODEL[0], help=f"the bitsandbytes modes' and none's model ({MODEL[0]})")
+    parser.add_argument(
+        "--method-model", default=METHOD_MODEL[0], help=f"the torchao, quanto and smollm2-nf4 model ({METHOD_MODEL[0]})"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"where the results go (default {RESULTS})")
     parser.add_argument("--child", nargs=4, metavar=("LOADER", "MODE", "CHECKPOINT", "RUN_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -402,35 +474,47 @@ def main() -> None:
     from qloader.measure.environment import hardware, versions
 
     modes = args.modes.split(",")
-    checkpoints = {"main": checkpoint_folder(compose(MODEL).model)}  # generated on first use
+    gate = {"max_load": args.max_load, "default_max_load": (os.cpu_count() or 1) / 2, "max_wait_s": args.max_wait}
+    checkpoints = {}
+    if any(mode not in SMALL_MODEL_MODES for mode in modes):
+        checkpoints["main"] = checkpoint_folder(compose([args.model]).model)  # generated on first use
     if any(mode in SMALL_MODEL_MODES for mode in modes):
-        checkpoints["methods"] = checkpoint_folder(compose(METHOD_MODEL).model)
+        checkpoints["methods"] = checkpoint_folder(compose([args.method_model]).model)
     report = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "checkpoints": {k: str(v) for k, v in checkpoints.items()},
         "models": {
-            "main": "synthetic-1b (1.01B parameters, bf16, 4 shards)",
-            "methods": "SmolLM2-135M (bf16; mode smollm2-nf4 too)",
+            "main": "synthetic-1b (1.01B parameters, bf16, 4 shards)" if args.model == MODEL[0] else args.model,
+            "methods": "SmolLM2-135M (bf16; mode smollm2-nf4 too)"
+            if args.method_model == METHOD_MODEL[0]
+            else args.method_model,
         },
         "machine": hardware(),
+        "gate": gate,
         "versions": versions(),
         "summaries": [],
         "failures": [],
         "runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="qloader-bench-") as tmp:
+        CHILD_ENV.update(QLOADER_CACHE=str(Path(tmp) / "cache"), QLOADER_CACHE_QUANTIZED="auto")
         for mode in modes:  # the results are written after every mode: a late failure keeps the rest
             checkpoint = checkpoints["methods" if mode in SMALL_MODEL_MODES else "main"]
             pairs = args.method_pairs if mode in METHODS else args.pairs
             try:
-                summary, rows = bench_mode(mode, checkpoint, Path(tmp), pairs)
+                summary, rows = bench_mode(mode, checkpoint, Path(tmp), pairs, gate)
+            except MachineBusy as e:
+                print(f"refused: {e}", flush=True)
+                report["failures"].append({"mode": mode, "error": f"refused: {e}"})
+                write_results(report, args.out)
+                break
             except ChildFailed as e:
                 print(e, flush=True)
                 report["failures"].append({"mode": mode, "error": str(e)[-2000:]})
             else:
                 report["summaries"].append(summary)
                 report["runs"] += rows
-            write_results(report)
+            write_results(report, args.out)
     print(markdown(report))
 
 
@@ -438,7 +522,27 @@ class ChildFailed(Exception):
     pass
 
 
-def bench_mode(mode: str, checkpoint: Path, tmp: Path, pairs: int) -> tuple[dict, list[dict]]:
+class MachineBusy(Exception):
+    """The load average stayed above the threshold for the whole wait: no figure from this machine now."""
+
+
+def wait_until_quiet(gate: dict) -> float:
+    """The 1-minute load average once it is at most the gate's threshold; MachineBusy after `max_wait_s`."""
+    start = time.monotonic()
+    while (load := os.getloadavg()[0]) > gate["max_load"]:
+        waited = time.monotonic() - start
+        if waited >= gate["max_wait_s"]:
+            raise MachineBusy(
+                f"the 1-minute load average is {load:.2f}, above {gate['max_load']:.2f}, after waiting {waited:.0f} s; "
+                "on a busy machine the ratios are not results (wait for a quiet machine, or raise --max-load / "
+                "--max-wait to measure anyway, which the report then marks)"
+            )
+        print(f"load average {load:.2f} > {gate['max_load']:.2f}: waiting ({waited:.0f} s so far)", flush=True)
+        time.sleep(min(10.0, max(gate["max_wait_s"] - waited, 0.1)))
+    return load
+
+
+def bench_mode(mode: str, checkpoint: Path, tmp: Path, pairs: int, gate: dict) -> tuple[dict, list[dict]]:
     """Warm-ups, then `pairs` rounds of every side of `mode`, alternating; the summary and the rows."""
     compile_s = None
     if mode in ("nf4-dq", "int8"):  # the compile, with an empty qloader cache
@@ -452,8 +556,10 @@ def bench_mode(mode: str, checkpoint: Path, tmp: Path, pairs: int) -> tuple[dict
         run_child(loader, mode, checkpoint, tmp / f"warm-{mode}-{loader}", env)
     rows = []
     for pair in range(pairs):
+        pair_load = wait_until_quiet(gate)
         for loader in sides_for(mode):
             row = run_child(loader, mode, checkpoint, tmp / f"{mode}-{pair}-{loader}")
+            row.update(pair=pair, pair_loadavg=round(pair_load, 2))
             print(
                 f"{mode} pair {pair} {loader}: load {row['wall_s']:.2f} s, "
                 f"process {row['process']['wall_s']:.2f} s, anon {mib(row['anon_peak_bytes'])}, "
@@ -472,10 +578,10 @@ def bench_mode(mode: str, checkpoint: Path, tmp: Path, pairs: int) -> tuple[dict
     return summary, rows
 
 
-def write_results(report: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "load_vs_transformers.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "load_vs_transformers.md").write_text("# qloader vs transformers\n\n" + markdown(report))
+def write_results(report: dict, out: Path = RESULTS) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "load_vs_transformers.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "load_vs_transformers.md").write_text("# qloader vs transformers\n\n" + markdown(report))
 
 
 if __name__ == "__main__":

@@ -137,6 +137,10 @@ def main() -> None:
         from qloader.runs.replay import main as replay_main
 
         sys.exit(replay_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["cache"]:  # `qloader cache list|clear`: the quantized-weights cache, no torch
+        from qloader.runs.cache_command import main as cache_main
+
+        sys.exit(cache_main(sys.argv[2:]))
     if _complete_replay():
         return
     # Composition errors (a misspelt key, a value outside a choice) reach this function instead of

@@ -47,6 +47,9 @@ def pytest_configure(config) -> None:
     """Every cache the suite writes lives in `suite_cache_root()`, never in the user's ~/.cache; tests of the caches
     themselves point QLOADER_CACHE at a tmp_path of their own."""
     root = suite_cache_root()
+    # Loads keep no quantized cache unless a test asks (tests/test_quantized_cache.py, with a QLOADER_CACHE of its
+    # own): a hit would load what an earlier test quantized, and the tests of quantizing would test the cache.
+    os.environ["QLOADER_CACHE_QUANTIZED"] = "false"
     for name, sub in (("QLOADER_CACHE", "qloader"), ("HF_HOME", "huggingface"), ("MPLCONFIGDIR", "matplotlib")):
         os.environ[name] = str(root / sub)
 

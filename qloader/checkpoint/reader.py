@@ -148,6 +148,15 @@ class HashCache:
         self.entries[key] = {**entry, "check": entry_check(key, entry)}
         return entry["sha256"]
 
+    def remember(self, file: Path, sha256: str) -> None:
+        """Record the digest of a file this process just wrote and hashed (a cache entry): no rehash next run."""
+        from qloader.core.cache import entry_check, file_identity
+
+        key = str(file.resolve())
+        entry = {**file_identity(file.stat()), "sha256": sha256}
+        self.entries[key] = {**entry, "check": entry_check(key, entry)}
+        self.rewrite = True
+
     def save(self) -> None:
         if self.misses or self.rewrite:
             from qloader.core.files import write_json_atomic

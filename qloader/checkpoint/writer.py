@@ -96,15 +96,20 @@ def save_checkpoint(model, source: Path, save: DictConfig) -> Checkpoint:
     # the owner's pid and start time in the name: a later save can tell it was abandoned (`remove_dead_saves`)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{owner_tag()}{SAVING}", dir=target.parent))
     try:
-        model.save_pretrained(tmp, max_shard_size=save.max_shard_size)
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, tmp / name)
+        write_checkpoint_files(model, source, tmp, save.max_shard_size)
         follow_umask(tmp)
         os.rename(tmp, target)  # replaces an empty target folder too
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return inspect_checkpoint(target)
+
+
+def write_checkpoint_files(model, source: Path, folder: Path, max_shard_size: str) -> None:
+    """`save_pretrained` into `folder`, with the source checkpoint's tokenizer files beside it."""
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
 
 
 def remove_dead_saves(parent: Path) -> list[Path]:

@@ -149,6 +149,18 @@ class ValidateConfig:
 
 
 @dataclass
+class CacheConfig:
+    quantized: Any = "${oc.decode:${oc.env:QLOADER_CACHE_QUANTIZED,auto}}"
+    """Keep each quantized model under `$QLOADER_CACHE/quantized/<key>/` and load it from there next time:
+    true | false | auto (cache where the method can save; true: refuse a method that cannot). The default is
+    auto, or `$QLOADER_CACHE_QUANTIZED` where set (the test suite sets false); the manifest records the value.
+    Typed Any because OmegaConf 2.3 Enums refuse booleans; `check_choices` checks it after composing."""
+    max_bytes: Any = "auto"
+    """Size cap of the quantized cache, in bytes (an integer, or a size such as 20GB / 8GiB); auto: half of what
+    the cache's file system has free plus what the cache holds. Least recently used entries go first."""
+
+
+@dataclass
 class SweepConfig:
     resume: bool = False
     """Sweep again into an ended sweep's own dir (hydra.sweep.dir=DIR): a job that succeeded there with the same
@@ -166,6 +178,7 @@ class QloaderConfig:
     dtype: DtypeConfig = MISSING
     save: SaveConfig = field(default_factory=SaveConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     probe: ProbeConfig = MISSING
     sweep: SweepConfig = field(default_factory=SweepConfig)
     mode: Mode = Mode["load"]
@@ -237,7 +250,30 @@ def missing_values(cfg: DictConfig) -> list[str]:
 
 def check_choices(cfg: DictConfig) -> list[str]:
     """Choice fields that cannot be Enums (they take booleans too), checked after composing."""
+    problems = []
     finite = cfg.validate.finite
     if not isinstance(finite, bool) and finite != "auto":
-        return [f"validate.finite '{finite}' is not one of true, false, auto"]
-    return []
+        problems.append(f"validate.finite '{finite}' is not one of true, false, auto")
+    cache = cfg.get("cache")
+    if cache is not None:
+        quantized = cache.quantized
+        if not isinstance(quantized, bool) and quantized != "auto":
+            problems.append(f"cache.quantized '{quantized}' is not one of true, false, auto")
+        if (why := size_problem(cache.max_bytes)) is not None:
+            problems.append(f"cache.max_bytes {cache.max_bytes!r}: {why}")
+    return problems
+
+
+def size_problem(value: Any) -> str | None:
+    """Why `value` is no size in bytes (an integer >= 0, a size string such as 20GB, or auto); None if it is."""
+    from qloader.core.units import parse_size
+
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return None
+    if isinstance(value, str):
+        try:
+            parse_size(value)
+            return None
+        except ValueError as e:
+            return str(e)
+    return "is not a number of bytes, a size such as 20GB, or auto"

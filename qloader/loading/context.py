@@ -32,6 +32,9 @@ class LoadContext:
     dtype: Any = None
     save_lock: Any = None
     """With save.enabled: the lock on save.dir (`qloader.core.locks.OwnerLock`), held until the run ends."""
+    cache: Any = None
+    """`qloader.loading.cache_use.CacheUse`: hit, miss or not cached (None in plan mode); a hit's entry is held
+    until the run ends."""
     # instantiate
     quantizer: Any = None
     # validate
@@ -75,4 +78,14 @@ class LoadContext:
 
     @property
     def pre_quantized(self) -> bool:
+        """The weights load as stored, quantized already (a pre-quantized checkpoint, or a cache hit)."""
         return self.quantization.pre_quantized
+
+    @property
+    def cache_hit(self) -> bool:
+        return self.cache is not None and self.cache.status == "hit"
+
+    @property
+    def weights_checkpoint(self) -> Checkpoint | None:
+        """The checkpoint the weights are read from: the cached quantized one on a cache hit, else the input."""
+        return self.cache.weights if self.cache_hit else self.checkpoint

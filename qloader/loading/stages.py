@@ -20,22 +20,24 @@ from qloader.checkpoint.reader import default_hash_cache, inspect_checkpoint
 from qloader.checkpoint.sources import checkpoint_folder, hub_origin
 from qloader.core.errors import CheckpointError, CheckpointMismatchError, DeviceMapError, LoadError
 from qloader.core.names import STAGE_NAMES, dtype_name
-from qloader.loading import checks, devices
+from qloader.loading import cache_use, checks, devices
 from qloader.loading.context import LoadContext
 from qloader.quant import lifecycle
 from qloader.quant.merge import check_backend, missing_quant_state
 
 log = logging.getLogger("qloader")
 
+
 def resolve(ctx: LoadContext) -> LoadContext:
     """Composed config -> checkpoint folder, transformers config, model class, quantization (merged if
-    pre-quantized), dtype. A run that saves locks save.dir first, until the run ends (released here if
-    resolve fails), so a second writer is refused before any work."""
+    pre-quantized), dtype; then the quantized cache: a hit swaps in the cached pre-quantized checkpoint. A run
+    that saves locks save.dir first, until the run ends (released here if resolve fails), so a second writer is
+    refused before any work."""
     checks.check_config(ctx.cfg)
     saving = ctx.cfg.save.enabled and ctx.cfg.mode != "plan"
     save_lock = checkpoint_writer.lock_save_dir(ctx.cfg.save) if saving else None
     try:
-        return _resolve_model(ctx).next(save_lock=save_lock)
+        return cache_use.consult(_resolve_model(ctx).next(save_lock=save_lock))
     except BaseException:
         if save_lock is not None:
             save_lock.release()
@@ -96,7 +98,7 @@ def validate(ctx: LoadContext) -> LoadContext:
     environment.check_versions(None if ctx.method is None else ctx.method.versions)
     lifecycle.validate_quantizer(ctx.quantization, ctx.quantizer, devices.quantizer_request(request))
     checks.check_pinned_hashes(ctx.cfg.model.get("expected_sha256") or {}, ctx.checkpoint)
-    return ctx.next(environment=environment.check_memory(ctx.checkpoint))
+    return ctx.next(environment=environment.check_memory(ctx.weights_checkpoint))
 
 
 def device_map(ctx: LoadContext) -> LoadContext:
@@ -113,7 +115,7 @@ def device_map(ctx: LoadContext) -> LoadContext:
         skeleton = {}
         if ctx.cfg.device_map.strategy == "explicit":  # the names are checked against the model's modules
             model, source = hf_loading.build_skeleton(
-                ctx.model_choice.cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.checkpoint
+                ctx.model_choice.cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.weights_checkpoint
             )
             devices.check_module_names(request, model)
             skeleton = {"model": model, "source": source}
@@ -124,7 +126,7 @@ def device_map(ctx: LoadContext) -> LoadContext:
     # Sizing needs the quantized skeleton (4-bit modules weigh half a byte per weight): build it on
     # the meta device here; `preprocess` goes on with it.
     sizing, source = hf_loading.build_skeleton(
-        ctx.model_choice.cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.checkpoint
+        ctx.model_choice.cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.weights_checkpoint
     )
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
     final = hf_loading.infer_device_map(sizing, request, max_memory, ctx.quantizer)
@@ -160,13 +162,18 @@ def preprocess(ctx: LoadContext) -> LoadContext:
     model, source = ctx.model, ctx.source  # `device_map` built it to size the model, from the same arguments
     if model is None:
         model, source = hf_loading.build_skeleton(
-            ctx.model_choice.cls, ctx.hf_config, ctx.dtype, ctx.quantizer, ctx.device_map_request, ctx.checkpoint
+            ctx.model_choice.cls,
+            ctx.hf_config,
+            ctx.dtype,
+            ctx.quantizer,
+            ctx.device_map_request,
+            ctx.weights_checkpoint,
         )
+    checkpoint = ctx.weights_checkpoint
     load_config = hf_loading.load_state_config(
-        model, ctx.checkpoint, ctx.device_map, ctx.dtype, ctx.quantizer, ctx.offload_folder
+        model, checkpoint, ctx.device_map, ctx.dtype, ctx.quantizer, ctx.offload_folder
     )
     created = set() if ctx.method is None or ctx.pre_quantized else ctx.method.created_keys(model)
-    checkpoint = ctx.checkpoint
     try:
         integrity.check_tensors_fit_model(
             model, checkpoint.shapes, load_config.weight_mapping, ctx.quantizer, checkpoint.path, created, source.shapes
@@ -239,15 +246,16 @@ def load(ctx: LoadContext) -> LoadContext:
     """Stream the shards, quantizing each weight as it is read, and place it on its device."""
     from qloader.loading import hf_loading
 
-    if ctx.pre_quantized and (missing := missing_quant_state(ctx.model, ctx.checkpoint.tensors, ctx.quantizer)):
+    checkpoint = ctx.weights_checkpoint
+    if ctx.pre_quantized and (missing := missing_quant_state(ctx.model, checkpoint.tensors, ctx.quantizer)):
         raise CheckpointError(f"pre-quantized checkpoint is incomplete: {'; '.join(missing)}")
     placed = (None, None) if ctx.pre_quantized else (ctx.model, ctx.device_map)  # what the kernel will quantize
     kernels = nullcontext(None) if ctx.method is None else ctx.method.loading_kernel(ctx.cfg.quant, *placed)
     try:
-        with kernels as kernel, hf_loading.shard_progress(ctx.checkpoint) as on_batch:
-            info, offload_index = hf_loading.load_shards(ctx.model, ctx.checkpoint, ctx.load_config, on_batch)
+        with kernels as kernel, hf_loading.shard_progress(checkpoint) as on_batch:
+            info, offload_index = hf_loading.load_shards(ctx.model, checkpoint, ctx.load_config, on_batch)
     except (OSError, RuntimeError, ValueError) as e:
-        raise LoadError(f"{ctx.checkpoint.path}: {type(e).__name__}: {e}") from e
+        raise LoadError(f"{checkpoint.path}: {type(e).__name__}: {e}") from e
     return ctx.next(kernel=kernel, loading_info=info, offload_index=offload_index)
 
 
@@ -256,14 +264,14 @@ def postprocess(ctx: LoadContext) -> LoadContext:
     from qloader.loading import hf_loading
     from qloader.measure.inventory import take_inventory
 
-    info = ctx.loading_info
+    info, checkpoint = ctx.loading_info, ctx.weights_checkpoint
     try:
         hf_loading.finalize(ctx.model, ctx.load_config, info, ctx.quantizer, ctx.offload_index)
     except RuntimeError as e:  # transformers' own load report: size mismatches, conversion errors
-        raise LoadError(f"{ctx.checkpoint.path}: {e}") from e
+        raise LoadError(f"{checkpoint.path}: {e}") from e
     if info.missing_keys or info.unexpected_keys:  # `preprocess` checked the headers; this checks the load itself
         message = (
-            f"{ctx.checkpoint.path}: loading left {len(info.missing_keys)} weight(s) missing "
+            f"{checkpoint.path}: loading left {len(info.missing_keys)} weight(s) missing "
             f"({integrity.listing(info.missing_keys)}) and {len(info.unexpected_keys)} unexpected "
             f"({integrity.listing(info.unexpected_keys)})"
         )
@@ -273,7 +281,7 @@ def postprocess(ctx: LoadContext) -> LoadContext:
     offloaded = hf_loading.offloaded_weights(ctx.load_config, ctx.offload_index)
     storage = None if ctx.method is None else ctx.method.storage_tensors
     finite_check = integrity.check_finite(
-        ctx.model, ctx.cfg.validate, ctx.checkpoint.path, ctx.checkpoint.parameters, offloaded, storage
+        ctx.model, ctx.cfg.validate, checkpoint.path, checkpoint.parameters, offloaded, storage
     )
     trust_cache = not ctx.cfg.model.get("verify_hashes", False)  # verify_hashes: no digest from any cache
     inventory = take_inventory(
@@ -306,6 +314,12 @@ def _stranded_message(ctx: LoadContext, stranded: list[str]) -> str:
     )
 
 
+def cache(ctx: LoadContext) -> LoadContext:
+    """After the seven, before `save` and `probe` (and so before any forward pass): a cache miss stores the model
+    in the quantized cache (`qloader.loading.cache_use`)."""
+    return cache_use.fill(ctx)
+
+
 def save(ctx: LoadContext) -> LoadContext:
     """Optional, after the seven: write the loaded model as a checkpoint plain `from_pretrained` reads."""
     saved = checkpoint_writer.save_loaded_model(ctx.model, ctx.quantization_config, ctx.checkpoint.path, ctx.cfg.save)
@@ -318,7 +332,9 @@ def probe(ctx: LoadContext) -> LoadContext:
     from qloader.measure.inventory import footprint_bytes
     from qloader.probe.fidelity import run_probe
 
-    result = run_probe(ctx.model, ctx.checkpoint, ctx.dtype, ctx.pre_quantized, ctx.cfg.probe, ctx.model_choice)
+    # on a cache hit the input checkpoint is not pre-quantized: the probe compares with it as on a miss
+    pre_quantized = ctx.pre_quantized and not ctx.cache_hit
+    result = run_probe(ctx.model, ctx.checkpoint, ctx.dtype, pre_quantized, ctx.cfg.probe, ctx.model_choice)
     # The probe's forward pass may change what the weights occupy (compressed-tensors decompresses the
     # whole model on its first forward): record the storage really held after it.
     after = footprint_bytes(ctx.model, ctx.method)
@@ -338,9 +354,11 @@ STAGES = (resolve, instantiate_quantizer, validate, device_map, preprocess, load
 
 
 def stages_for(cfg: DictConfig) -> list[tuple[str, object]]:
-    """The seven stages, then `save` and `probe` when enabled; `mode=plan` stops after `preprocess`."""
+    """The seven stages, then `cache` (unless cache.quantized=false), `save` and `probe` when enabled; `mode=plan`
+    stops after `preprocess`."""
     stages = list(zip(STAGE_NAMES, STAGES, strict=True))
     if cfg.mode == "plan":
         return stages[: STAGE_NAMES.index("preprocess") + 1]
+    stages += [("cache", cache)] if cfg.get("cache") is not None and cfg.cache.quantized is not False else []
     stages += [("save", save)] if cfg.save.enabled else []
     return stages + [("probe", probe)] if cfg.probe.enabled else stages

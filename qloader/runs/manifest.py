@@ -221,6 +221,7 @@ class RunManifest:
             "model": None,
             "weights_fingerprint": None,
             "saved": None,
+            "cache": None,
             "probe": None,
             "warnings": [],
             "error": None,
@@ -278,6 +279,7 @@ class RunManifest:
                 model=_model_section(ctx),
                 weights_fingerprint=None if ctx.inventory is None else ctx.inventory.weights_fingerprint,
                 saved=checkpoint_section(ctx.saved),
+                cache=None if ctx.cache is None else ctx.cache.as_dict(),
                 probe=ctx.probe,
                 warnings=list(ctx.warnings),
             )
@@ -337,7 +339,7 @@ def record_killed_job(job_dir: Path, error_type: str, message: str, cause: str |
     return "killed"
 
 
-RECORDED_STAGES = (*STAGE_NAMES, "save", "probe")
+RECORDED_STAGES = (*STAGE_NAMES, "cache", "save", "probe")
 
 
 def _stage_name(value: object) -> str | None:

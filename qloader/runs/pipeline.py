@@ -143,6 +143,8 @@ def run(
             manifest.fail(error, None if stages_done else current, ctx)
             raise
         finally:
+            if ctx.cache is not None:  # a cache hit's entry, held since `resolve` so no eviction removes it mid-load
+                ctx.cache.release()
             if ctx.save_lock is not None:  # save.dir's lock, taken in `resolve`: held until the record is final
                 ctx.save_lock.release()
     return LoadResult(ctx.model, record, Path(run_dir), ctx.checkpoint.path, cfg, ctx.quantization_config, _watch=watch)

@@ -15,6 +15,17 @@ def render(manifest: dict) -> str:
         raise ManifestError(f"the manifest cannot be summarized: {type(e).__name__}: {e}"[:300]) from e
 
 
+def _cache_line(cache: dict) -> str:
+    """`hit: <path> (1.2 MiB)`, `miss: stored in <path> (...)`, `not cached: <why>`."""
+    if cache["status"] == "hit":
+        return f"hit: loaded from {cache['path']} ({mib(cache['bytes'])}), nothing quantized"
+    if cache["status"] == "miss":
+        if cache.get("stored"):
+            return f"miss: stored in {cache['path']} ({mib(cache['bytes'])}) for the next load"
+        return f"miss: {cache.get('reason') or 'not stored'}"
+    return f"not cached: {cache.get('reason')}"
+
+
 def _render(manifest: dict) -> str:
     model, quant = manifest["model"], manifest["quantization"]
     kinds = ", ".join(f"{n} {cls}" for cls, n in model["quantized_module_classes"].items()) or "none"
@@ -52,6 +63,8 @@ def _render(manifest: dict) -> str:
             f"  probe          {_probe_line(probe)}",
             f"  sample         {probe['sample']['prompt']!r} -> {probe['sample']['output']!r}",
         ]
+    if cache := manifest.get("cache"):
+        lines.append(f"  cache          {_cache_line(cache)}")
     if manifest.get("saved"):
         lines.append(f"  saved          {manifest['saved']['path']}")
     lines.append(f"  manifest       {manifest['run_dir']}/manifest.json")
