@@ -83,6 +83,29 @@ def smollm2_checkpoint() -> Path:
     return checkpoint_folder(compose(["model=smollm2-135m"]).model)
 
 
+def save_with_qloader(model: str, mode: str, tmp: Path, shard: str):
+    """`model` loaded in `mode` (tests/oracle.py's MODES) and saved by qloader: (the LoadResult, the checkpoint)."""
+    from oracle import MODES
+
+    import qloader
+
+    overrides, _ = MODES[mode]
+    ckpt = tmp / f"{mode}-ckpt"
+    result = qloader.load(
+        [model, *overrides, "save.enabled=true", f"save.dir={ckpt}", f"save.max_shard_size={shard}"],
+        run_dir=tmp / f"{mode}-save",
+    )
+    return result, ckpt
+
+
+@pytest.fixture(scope="session")
+def smollm2_nf4_dq_saved(smollm2_checkpoint, tmp_path_factory):
+    """SmolLM2 saved by qloader in nf4-dq, once per session: the round trip, the tokenizer check and the probe of
+    a pre-quantized checkpoint read the same save (from its files; only the round trip runs the saving load's
+    model, after comparing its weights)."""
+    return save_with_qloader("model=smollm2-135m", "nf4-dq", tmp_path_factory.mktemp("smollm2"), shard="40MB")
+
+
 def run_cli(*overrides: str, run_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m qloader <overrides>` in a subprocess, its run dir under tmp (nothing lands in outputs/)."""
     return subprocess.run(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from conftest import read_manifest, run_cli
 
@@ -62,9 +60,7 @@ def test_probe_fails_clearly_without_a_tokenizer(tiny_checkpoint, tmp_path) -> N
 
 
 @pytest.mark.smollm2
-def test_probe_on_a_prequantized_checkpoint_scores_perplexity_only(smollm2_checkpoint, tmp_path) -> None:
-    ckpt = tmp_path / "nf4"
-    qloader.load(["quant=bnb-nf4", "save.enabled=true", f"save.dir={ckpt}"], run_dir=tmp_path / "save")
+def test_probe_on_a_prequantized_checkpoint_scores_perplexity_only(smollm2_nf4_dq_saved, tmp_path) -> None:
+    _, ckpt = smollm2_nf4_dq_saved
     probe = qloader.load(["model=local", f"model.path={ckpt}", "probe=quick"], run_dir=tmp_path / "p").manifest["probe"]
     assert probe["perplexity"] > 1 and probe["top1_agreement"] is None and "Paris" in probe["sample"]["output"]
-    shutil.rmtree(ckpt)
