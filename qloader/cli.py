@@ -40,9 +40,12 @@ def _main(cfg: DictConfig) -> str | None:
         choices = {group: hydra_cfg.runtime.choices.get(group) for group in GROUPS}
         result = pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task), choices=choices)
     if cfg.mode == "plan":
+        from qloader.core.exits import plan_exit_code
         from qloader.measure.plan import render
 
         print(render(result.manifest["plan"]))
+        if code := plan_exit_code(result.manifest["plan"]["fits"]):
+            sys.exit(code)
     elif cfg.summary:
         print(summary.render(result.manifest))
 

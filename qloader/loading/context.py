@@ -40,6 +40,9 @@ class LoadContext:
     device_map_request: Any = None
     device_map: dict | None = None
     offload_folder: Path | None = None
+    refusals: tuple[str, ...] = ()
+    """mode=plan: why a load of this device map would be refused (modules on disk without an offload folder, a
+    method that cannot run them there); a load raises DeviceMapError instead of recording them."""
     source: Any = None
     """hf_loading.SourceFacts: the skeleton before the quantizer's swaps (checkpoint-side shapes, logical size)."""
     # preprocess

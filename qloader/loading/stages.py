@@ -27,6 +27,7 @@ from qloader.quant.merge import check_backend, missing_quant_state
 
 log = logging.getLogger("qloader")
 
+
 def resolve(ctx: LoadContext) -> LoadContext:
     """Composed config -> checkpoint folder, transformers config, model class, quantization (merged if
     pre-quantized), dtype. A run that saves locks save.dir first, until the run ends (released here if
@@ -107,6 +108,7 @@ def device_map(ctx: LoadContext) -> LoadContext:
     request = hf_loading.normalize_device_map(devices.device_map_request(ctx.cfg.device_map))
     request = lifecycle.update_device_map(ctx.quantizer, request)
     offload_folder = devices.offload_folder(ctx.cfg.device_map, ctx.checkpoint.path)
+    planning = ctx.cfg.mode == "plan"  # a plan records what a load would refuse, and goes on
     if isinstance(request, dict):
         _refuse_disk_offload(ctx, request, request)
         devices.check_disk(request, offload_folder, f"device_map.modules {request}")
@@ -128,14 +130,25 @@ def device_map(ctx: LoadContext) -> LoadContext:
     )
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
     final = hf_loading.infer_device_map(sizing, request, max_memory, ctx.quantizer)
-    if (on_disk := devices.on_disk(final)) and offload_folder is None:
-        need = estimate(sizing, {"": "cpu"}, 0, None, ctx.method, ctx.quantizer).footprint_bytes
-        refusal = lifecycle.disk_offload_refusal(ctx.quantization, request)
-        raise DeviceMapError(devices.does_not_fit(need, request, max_memory, on_disk, refusal))
-    _refuse_disk_offload(ctx, request, final, sizing)
-    lifecycle.validate_device_map(ctx.quantizer, request, final, ctx.quantization)
+    refusals = []
+    try:
+        if (on_disk := devices.on_disk(final)) and offload_folder is None:
+            need = estimate(sizing, {"": "cpu"}, 0, None, ctx.method, ctx.quantizer).footprint_bytes
+            refusal = lifecycle.disk_offload_refusal(ctx.quantization, request)
+            raise DeviceMapError(devices.does_not_fit(need, request, max_memory, on_disk, refusal))
+        _refuse_disk_offload(ctx, request, final, sizing)
+        lifecycle.validate_device_map(ctx.quantizer, request, final, ctx.quantization)
+    except DeviceMapError as e:
+        if not planning:
+            raise
+        refusals.append(str(e))
     return ctx.next(
-        device_map_request=request, device_map=final, offload_folder=offload_folder, model=sizing, source=source
+        device_map_request=request,
+        device_map=final,
+        offload_folder=offload_folder,
+        model=sizing,
+        source=source,
+        refusals=tuple(refusals),
     )
 
 
@@ -155,7 +168,7 @@ def preprocess(ctx: LoadContext) -> LoadContext:
     """The model skeleton on the meta device, with the method's module swaps, checked against the checkpoint's
     headers; the plan (the bytes per device); a warning for quantized modules this host cannot run."""
     from qloader.loading import hf_loading
-    from qloader.measure.plan import estimate
+    from qloader.measure.plan import estimate, refusal
 
     model, source = ctx.model, ctx.source  # `device_map` built it to size the model, from the same arguments
     if model is None:
@@ -176,7 +189,9 @@ def preprocess(ctx: LoadContext) -> LoadContext:
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
     plan = estimate(
         model, ctx.device_map, checkpoint.largest_shard_bytes, max_memory, ctx.method, ctx.quantizer, source
-    )
+    ).with_refusals(list(ctx.refusals), offload=ctx.offload_folder is not None)
+    if ctx.cfg.mode != "plan" and (why := refusal(plan)) is not None:
+        raise DeviceMapError(why)
     if ctx.cfg.save.enabled and ctx.cfg.mode != "plan":
         checkpoint_writer.check_save_space(ctx.cfg.save, plan.footprint_bytes)
     unmatched = _logged(lifecycle.unmatched_module_names(ctx.quantization, model))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -41,6 +41,15 @@ class Plan:
     """inventory.KeptGroup: module groups owning weights that the method leaves unquantized, and why."""
     parameters: int | None = None
     """Logical parameter count (tied weights once)."""
+    refusals: list[str] = field(default_factory=list)
+    """mode=plan: why a load of this plan would be refused before reading a weight (a load raises instead)."""
+
+    def with_refusals(self, refusals: list[str], offload: bool) -> Plan:
+        """The plan with what a load would refuse; without an offload folder, disk is a budget of 0 bytes."""
+        budgets, sources = dict(self.budgets), dict(self.budget_sources)
+        if not offload and "disk" in self.devices:
+            budgets["disk"], sources["disk"] = 0, "no offload_folder"
+        return replace(self, refusals=refusals, budgets=budgets, budget_sources=sources)
 
     @property
     def compression(self) -> float | None:
@@ -59,7 +68,8 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return not self.shortfall_bytes
+        """Every device's share within its budget, and nothing a load would refuse."""
+        return not self.shortfall_bytes and not self.refusals
 
     def as_dict(self) -> dict:
         devices = {d: {**asdict(e), "total_bytes": e.total_bytes} for d, e in self.devices.items()}
@@ -76,7 +86,34 @@ class Plan:
             "unquantized_bytes": self.unquantized_bytes,
             "compression": self.compression,
             "kept": [group.as_dict() for group in self.kept],
+            "refusals": self.refusals,
         }
+
+
+def budget_setting(device: str) -> str:
+    """The setting a user writes for a device's budget: `device_map.max_memory.cpu`, `device_map.max_memory.0`."""
+    return f"device_map.max_memory.{device}"
+
+
+def refusal(plan: Plan) -> str | None:
+    """Why a load of this plan is refused before any weight is read (one line: the shortfall per budget set with
+    max_memory, and the fix); None when every max_memory budget holds its device's share. Budgets measured from
+    the memory available now are not refused on: that figure moves while the host runs."""
+    short = {d: n for d, n in plan.shortfall_bytes.items() if plan.budget_sources.get(d) == "max_memory"}
+    if not short:
+        return None
+    from qloader.core.units import mib
+
+    where = "; ".join(
+        f"{d} needs {mib(plan.devices[d].total_bytes)} and {budget_setting(d)} allows {mib(plan.budgets[d])} "
+        f"(short by {n:,} B)"
+        for d, n in short.items()
+    )
+    raise_to = ", ".join(f"{budget_setting(d)}={plan.devices[d].total_bytes}" for d in short)
+    return (
+        f"the plan does not fit device_map.max_memory: {where}; raise it ({raise_to} at least), choose a method "
+        "that stores less, or run mode=plan to see where each module lands"
+    )
 
 
 def device_of(name: str, device_map: dict) -> str:
@@ -195,11 +232,9 @@ def render(plan: dict) -> str:
             f"{mib(e['unquantized_bytes']):>14}{mib(e['buffer_bytes']):>12}{mib(e['total_bytes']):>14}{budget:>14}"
         )
     sources = plan.get("budget_sources") or {}
-    short = ", ".join(
-        f"{d} by {mib(n)}" + (" (available memory; no max_memory set)" if sources.get(d) == "available" else "")
-        for d, n in plan["shortfall_bytes"].items()
-    )
-    label = "fits max_memory" if all(v == "max_memory" for v in sources.values()) else "fits memory"
+    notes = {"available": " (available memory; no max_memory set)", "no offload_folder": " (no offload_folder)"}
+    short = ", ".join(f"{d} by {mib(n)}{notes.get(sources.get(d), '')}" for d, n in plan["shortfall_bytes"].items())
+    label = "fits max_memory" if all(v != "available" for v in sources.values()) else "fits memory"
     lines += [""]
     if plan.get("class"):
         lines.append(f"  model                     {plan['class']} (task {plan.get('task') or '-'})")
@@ -214,7 +249,9 @@ def render(plan: dict) -> str:
     for group in plan.get("kept") or []:
         lines.append(f"  kept unquantized          {describe_kept(group, plan.get('parameters'))}")
     measured = " (available memory; no max_memory set)" if "available" in sources.values() else ""
-    lines.append(f"  {label:<26}{'yes' + measured if plan['fits'] else 'does not fit: short on ' + short}")
+    verdict = "yes" + measured if plan["fits"] else "does not fit" + (": short on " + short if short else "")
+    lines.append(f"  {label:<26}{verdict}")
+    lines += [f"  a load is refused:        {line}" for line in plan.get("refusals") or []]
     return "\n".join(lines)
 
 
