@@ -47,7 +47,8 @@ def _resolve_model(ctx: LoadContext) -> LoadContext:
     from qloader.loading import hf_loading
 
     check_backend(ctx.cfg.quant)
-    checkpoint = _inspect(ctx.cfg.model, hash_files=ctx.cfg.mode != "plan")
+    planning = ctx.cfg.mode == "plan"  # a plan hashes nothing, and needs no more than config.json
+    checkpoint = _inspect(ctx.cfg.model, hash_files=not planning, partial=planning)
     hf_config = hf_loading.read_config(checkpoint.path, ctx.cfg.model.trust_remote_code)
     checks.check_model_size(hf_config, checkpoint, ctx.cfg.device_map)  # before anything the size costs is built
     choice = hf_loading.model_class(hf_config, ctx.cfg.model.task, ctx.cfg.model.trust_remote_code)
@@ -67,13 +68,15 @@ def _resolve_model(ctx: LoadContext) -> LoadContext:
     )
 
 
-def _inspect(model: DictConfig, hash_files: bool):
-    """The checkpoint the `model` source gives, its headers and hashes read; custom code refused unless trusted."""
+def _inspect(model: DictConfig, hash_files: bool, partial: bool = False):
+    """The checkpoint the `model` source gives, its headers and hashes read; custom code refused unless trusted.
+    `partial` (mode=plan): config.json alone, or some of the shards, is enough."""
     checkpoint = inspect_checkpoint(
         checkpoint_folder(model),
         hashes=default_hash_cache(trust=not model.get("verify_hashes", False)),
         hash_files=hash_files,
         allow_pickle=model.allow_pickle,
+        partial=partial,
     )
     if (hub := hub_origin(model, checkpoint.path)) is not None:
         checkpoint = dataclasses.replace(checkpoint, hub=hub)
@@ -182,7 +185,14 @@ def preprocess(ctx: LoadContext) -> LoadContext:
     checkpoint = ctx.checkpoint
     try:
         integrity.check_tensors_fit_model(
-            model, checkpoint.shapes, load_config.weight_mapping, ctx.quantizer, checkpoint.path, created, source.shapes
+            model,
+            checkpoint.shapes,
+            load_config.weight_mapping,
+            ctx.quantizer,
+            checkpoint.path,
+            created,
+            source.shapes,
+            partial=checkpoint.contents != "checkpoint",
         )
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(_with_task_hint(str(e), ctx)) from e

@@ -217,6 +217,14 @@ def estimate(
     )
 
 
+COMPUTED_FROM = {
+    "checkpoint": "config.json and every shard's header",
+    "headers": "config.json and the headers of the shards here (a partial download)",
+    "config-only": "config.json alone (no weights here)",
+}
+"""How the plan's `computed_from` reads in `qloader mode=plan`."""
+
+
 def render(plan: dict) -> str:
     """The plan as printed by `qloader mode=plan`, from the manifest's `plan` section."""
     from qloader.core.units import mib
@@ -238,9 +246,12 @@ def render(plan: dict) -> str:
     lines += [""]
     if plan.get("class"):
         lines.append(f"  model                     {plan['class']} (task {plan.get('task') or '-'})")
+    source = plan.get("computed_from")
+    shard = "footprint + largest shard" if source != "config-only" else "footprint; no shard here to add"
     lines += [
+        f"  computed from             {COMPUTED_FROM.get(source, source)}",
         f"  estimated footprint       {mib(plan['footprint_bytes'])}",
-        f"  estimated peak (loading)  {mib(plan['peak_load_bytes'])}  (footprint + largest shard)",
+        f"  estimated peak (loading)  {mib(plan['peak_load_bytes'])}  ({shard})",
     ]
     if plan.get("compression"):
         lines.append(
