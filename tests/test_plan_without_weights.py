@@ -10,6 +10,8 @@ import pytest
 from conftest import read_manifest, run_cli_in_process
 from families import FAMILIES, write_checkpoint
 
+import qloader
+
 PLANNED = ("devices", "footprint_bytes", "unquantized_bytes", "parameters", "kept", "device_map", "fits")
 """The plan's fields that do not depend on the shards being here (the peak adds the largest shard)."""
 
@@ -131,3 +133,37 @@ def test_an_unknown_architecture_is_one_line(tmp_path) -> None:
         f"CheckpointError: {folder / 'config.json'}: model_type 'no-such-model' is not an architecture" in result.stderr
     )
     assert read_manifest(tmp_path / "run")["error"]["type"] == "CheckpointError"
+
+
+def saved_by_qloader(quant: str, folder: Path, run_dir: Path) -> Path:
+    overrides = ["model=tiny-llama", f"quant={quant}", "save.enabled=true", f"save.dir={folder}"]
+    qloader.load(overrides, run_dir=run_dir)
+    return folder
+
+
+def compressed_tensors_w4a16(tiny_checkpoint: Path, folder: Path, run_dir: Path) -> Path:
+    pytest.importorskip("compressed_tensors")
+    from test_compressed_tensors import build_checkpoint
+
+    return build_checkpoint(tiny_checkpoint, folder, "W4A16")
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(lambda ckpt, folder, run: saved_by_qloader("bnb-nf4", folder, run), id="bnb-nf4"),
+        pytest.param(lambda ckpt, folder, run: saved_by_qloader("torchao-int8wo", folder, run), id="torchao-int8wo"),
+        pytest.param(compressed_tensors_w4a16, id="compressed-tensors-w4a16"),
+    ],
+)
+def test_pre_quantized_plan_from_config_alone_equals_the_plan_and_the_load(build, tiny_checkpoint, tmp_path) -> None:
+    saved = build(tiny_checkpoint, tmp_path / "saved", tmp_path / "save-run")
+    assert "quantization_config" in json.loads((saved / "config.json").read_text())
+    full = plan_of(saved, tmp_path / "full")
+    alone = plan_of(config_only(saved, tmp_path / "alone"), tmp_path / "alone-run")
+    assert {k: full[k] for k in PLANNED} == {k: alone[k] for k in PLANNED}
+    loaded = qloader.load(["model=local", f"model.path={saved}"], run_dir=tmp_path / "load").manifest
+    assert loaded["quantization"]["pre_quantized"] is True
+    assert alone["footprint_bytes"] == loaded["model"]["footprint_bytes"] == loaded["plan"]["footprint_bytes"]
+    assert alone["devices"]["cpu"]["quantized_bytes"] > 0 and alone["compression"] > 1.2
+    assert [group["module_class"] for group in alone["kept"]] == ["Embedding", "Linear"]  # embed_tokens, lm_head

@@ -318,7 +318,7 @@ def build_skeleton(
                 model=model,
                 dtype=dtype,
                 device_map=device_map_request,
-                checkpoint_files=[str(s) for s in checkpoint.shards],
+                checkpoint_files=[str(s) for s in checkpoint.shards] or None,  # None: a plan from config.json alone
                 use_kernels=False,
             )
     return model, facts
