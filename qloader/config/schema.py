@@ -103,8 +103,8 @@ class DeviceMapConfig:
     strategy: Strategy = Strategy["auto"]
     """auto | balanced | balanced_low_0 | sequential | cpu | cuda | cuda:0 ... cuda:7 | explicit."""
     max_memory: dict[str, Any] = field(default_factory=lambda: {"cpu": None, "0": None})
-    """Per-device budget, e.g. `device_map.max_memory.cpu=2GiB`; null lets accelerate measure.
-    Further GPUs: `+device_map.max_memory.1=20GiB`."""
+    """Per-device budget, e.g. `device_map.max_memory.cpu=2GiB`, `device_map.max_memory.1=80GiB` (any GPU index, no
+    `+` needed); null lets accelerate measure. mode=plan accepts GPUs this host does not have."""
     modules: dict[str, Any] = field(default_factory=dict)
     """The module -> device mapping, used with strategy=explicit."""
     offload_folder: str | None = None

@@ -36,6 +36,8 @@ class LoadContext:
     quantizer: Any = None
     # validate
     environment: dict = field(default_factory=dict)
+    hypothetical_devices: tuple[str, ...] = ()
+    """mode=plan: GPUs that device_map.max_memory budgets and this host does not have ('0', '1')."""
     # device_map
     device_map_request: Any = None
     device_map: dict | None = None

@@ -324,9 +324,33 @@ def build_skeleton(
     return model, facts
 
 
+@contextmanager
+def _quiet_about_absent_devices() -> Iterator[None]:
+    """accelerate warns 'Device N is not available' for each GPU a budget names that this host lacks: a plan for
+    other hardware names them on purpose (the manifest records them as hypothetical)."""
+    import logging
+
+    class Absent(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "is not available, available devices are" not in record.getMessage()
+
+    logger, absent = logging.getLogger("accelerate.utils.modeling"), Absent()
+    logger.addFilter(absent)
+    try:
+        yield
+    finally:
+        logger.removeFilter(absent)
+
+
 def infer_device_map(model: PreTrainedModel, strategy: str, max_memory: dict | None, quantizer) -> dict:
     """`_get_device_map` without its closing quantizer check, so that the caller can first name the
-    modules that did not fit; the caller runs `quantizer.validate_environment(device_map=...)`."""
+    modules that did not fit; the caller runs `quantizer.validate_environment(device_map=...)`. GPUs the budgets
+    name need not be here: accelerate places modules by the budgets alone."""
+    with _quiet_about_absent_devices():
+        return _infer_device_map(model, strategy, max_memory, quantizer)
+
+
+def _infer_device_map(model: PreTrainedModel, strategy: str, max_memory: dict | None, quantizer) -> dict:
     no_split = model._no_split_modules
     if strategy == "sequential":
         budget = get_max_memory(max_memory)

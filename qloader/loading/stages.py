@@ -94,13 +94,14 @@ def validate(ctx: LoadContext) -> LoadContext:
     """Devices, library versions, pinned hashes and memory, checked before any shard is read."""
     from qloader.measure import environment
 
-    cuda_devices = checks.check_cuda_request(ctx.cfg.device_map)
+    hypothetical = checks.hypothetical_gpus(ctx.cfg.device_map) if ctx.cfg.mode == "plan" else []
+    cuda_devices = checks.check_cuda_request(ctx.cfg.device_map, hypothetical)
     request = devices.device_map_request(ctx.cfg.device_map)
-    lifecycle.check_host(ctx.quantization, cuda_devices)
+    lifecycle.check_host(ctx.quantization, cuda_devices + len(hypothetical))
     environment.check_versions(None if ctx.method is None else ctx.method.versions)
     lifecycle.validate_quantizer(ctx.quantization, ctx.quantizer, devices.quantizer_request(request))
     checks.check_pinned_hashes(ctx.cfg.model.get("expected_sha256") or {}, ctx.checkpoint)
-    return ctx.next(environment=environment.check_memory(ctx.checkpoint))
+    return ctx.next(environment=environment.check_memory(ctx.checkpoint), hypothetical_devices=tuple(hypothetical))
 
 
 def device_map(ctx: LoadContext) -> LoadContext:
@@ -200,6 +201,7 @@ def preprocess(ctx: LoadContext) -> LoadContext:
     plan = estimate(
         model, ctx.device_map, checkpoint.largest_shard_bytes, max_memory, ctx.method, ctx.quantizer, source
     ).with_refusals(list(ctx.refusals), offload=ctx.offload_folder is not None)
+    plan = dataclasses.replace(plan, hypothetical_devices=list(ctx.hypothetical_devices))
     if ctx.cfg.mode != "plan" and (why := refusal(plan)) is not None:
         raise DeviceMapError(why)
     if ctx.cfg.save.enabled and ctx.cfg.mode != "plan":

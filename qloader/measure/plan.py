@@ -41,6 +41,8 @@ class Plan:
     """inventory.KeptGroup: module groups owning weights that the method leaves unquantized, and why."""
     parameters: int | None = None
     """Logical parameter count (tied weights once)."""
+    hypothetical_devices: list[str] = field(default_factory=list)
+    """mode=plan: devices of the plan that this host does not have (GPUs named only by their max_memory budget)."""
     refusals: list[str] = field(default_factory=list)
     """mode=plan: why a load of this plan would be refused before reading a weight (a load raises instead)."""
 
@@ -87,6 +89,7 @@ class Plan:
             "compression": self.compression,
             "kept": [group.as_dict() for group in self.kept],
             "refusals": self.refusals,
+            "hypothetical_devices": self.hypothetical_devices,
         }
 
 
@@ -200,8 +203,9 @@ def estimate(
             placed = device_of(module_name, device_map)
             where = execution_device(device_map) if placed == "disk" else placed
             devices.setdefault(where, DeviceEstimate()).buffer_bytes += buffers
-    footprint = sum(e.total_bytes for e in devices.values())
     placement = {module: str(device) for module, device in device_map.items()}
+    devices = _in_placement_order(devices, set(placement.values()))
+    footprint = sum(e.total_bytes for e in devices.values())
     budgets, sources = _budgets(max_memory, devices)
     kept = kept_groups(model, lambda name, module: name in quantized, method, quantizer, tied)
     return Plan(
@@ -225,20 +229,40 @@ COMPUTED_FROM = {
 """How the plan's `computed_from` reads in `qloader mode=plan`."""
 
 
+def _in_placement_order(devices: dict[str, DeviceEstimate], placed: set[str]) -> dict[str, DeviceEstimate]:
+    """GPUs by index, then cpu, then disk, as accelerate fills them; a device that holds nothing and that the map
+    does not name (the model's root module, on no device of its own) is left out."""
+    kept = {d: e for d, e in devices.items() if d in placed or e.total_bytes}
+    order = {"cpu": 1 << 20, "disk": 1 << 21}
+    return dict(
+        sorted(kept.items(), key=lambda item: int(item[0]) if item[0].isdigit() else order.get(item[0], 1 << 19))
+    )
+
+
 def render(plan: dict) -> str:
     """The plan as printed by `qloader mode=plan`, from the manifest's `plan` section."""
     from qloader.core.units import mib
 
-    lines = [f"qloader plan: device_map {plan['device_map']}", ""]
-    titles = [("device", 8), ("quantized", 14), ("quant state", 14), ("unquantized", 14), ("buffers", 12)]
+    lines = [f"qloader plan: device_map {_short_map(plan['device_map'])}", ""]
+    titles = [("device", 10), ("quantized", 14), ("quant state", 14), ("unquantized", 14), ("buffers", 12)]
     titles += [("total", 14), ("budget", 14)]
     lines.append("  " + "".join(f"{t:<{w}}" if t == "device" else f"{t:>{w}}" for t, w in titles))
+    hypothetical = set(plan.get("hypothetical_devices") or [])
     for device, e in plan["devices"].items():
         budget = mib(plan["budgets"][device]) if device in plan["budgets"] else "-"
+        name = (f"cuda:{device}" if device.isdigit() else device) + ("*" if device in hypothetical else "")
         lines.append(
-            f"  {device:<8}{mib(e['quantized_bytes']):>14}{mib(e['quant_state_bytes']):>14}"
+            f"  {name:<10}{mib(e['quantized_bytes']):>14}{mib(e['quant_state_bytes']):>14}"
             f"{mib(e['unquantized_bytes']):>14}{mib(e['buffer_bytes']):>12}{mib(e['total_bytes']):>14}{budget:>14}"
         )
+    if hypothetical:
+        lines.append("  * not on this host: planned from its device_map.max_memory budget")
+    for device in ("cpu", "disk"):
+        if device in plan["devices"] and (
+            spilled := [m or "(the whole model)" for m, d in plan["device_map"].items() if d == device]
+        ):
+            more = f" … {len(spilled) - 6} more" if len(spilled) > 6 else ""
+            lines.append(f"  on {device}: {', '.join(spilled[:6])}{more} ({len(spilled)} module(s))")
     sources = plan.get("budget_sources") or {}
     notes = {"available": " (available memory; no max_memory set)", "no offload_folder": " (no offload_folder)"}
     short = ", ".join(f"{d} by {mib(n)}{notes.get(sources.get(d), '')}" for d, n in plan["shortfall_bytes"].items())
@@ -264,6 +288,17 @@ def render(plan: dict) -> str:
     lines.append(f"  {label:<26}{verdict}")
     lines += [f"  a load is refused:        {line}" for line in plan.get("refusals") or []]
     return "\n".join(lines)
+
+
+def _short_map(device_map: dict) -> str:
+    """The device map as printed: whole, when short; else how many modules land on each device."""
+    text = str(device_map)
+    if len(text) <= 100:
+        return text
+    counts: dict[str, int] = {}
+    for device in device_map.values():
+        counts[device] = counts.get(device, 0) + 1
+    return ", ".join(f"{n} module(s) on {f'cuda:{d}' if d.isdigit() else d}" for d, n in counts.items())
 
 
 def describe_kept(group: dict, total: int | None = None) -> str:
