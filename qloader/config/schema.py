@@ -148,6 +148,15 @@ class ValidateConfig:
     3 GB on 2 cores), which a plain unquantized load never does. Off: `weights_fingerprint` is null."""
 
 
+@dataclass
+class PlanConfig:
+    batch_size: int = 1
+    """Sequences the KV cache is sized for (mode=plan and every load's plan)."""
+    seq_len: int | None = None
+    """Tokens per sequence to check room for: the plan says whether the model and its KV cache at batch_size x
+    seq_len fit the budgets. null: only the longest context that fits is given."""
+
+
 # ---------------------------------------------------------------- the whole run
 
 
@@ -160,6 +169,7 @@ class QloaderConfig:
     save: SaveConfig = field(default_factory=SaveConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     probe: ProbeConfig = MISSING
+    plan: PlanConfig = field(default_factory=PlanConfig)
     mode: Mode = Mode["load"]
     """load: run all seven stages. plan: only resolve ... preprocess on the meta device, and print
     the device map, the bytes per device and the estimated peak, reading no tensor data."""
@@ -229,7 +239,12 @@ def missing_values(cfg: DictConfig) -> list[str]:
 
 def check_choices(cfg: DictConfig) -> list[str]:
     """Choice fields that cannot be Enums (they take booleans too), checked after composing."""
+    problems = []
     finite = cfg.validate.finite
     if not isinstance(finite, bool) and finite != "auto":
-        return [f"validate.finite '{finite}' is not one of true, false, auto"]
-    return []
+        problems.append(f"validate.finite '{finite}' is not one of true, false, auto")
+    if cfg.plan.batch_size < 1:
+        problems.append(f"plan.batch_size {cfg.plan.batch_size} is not a number of sequences (1 or more)")
+    if cfg.plan.seq_len is not None and cfg.plan.seq_len < 1:
+        problems.append(f"plan.seq_len {cfg.plan.seq_len} is not a number of tokens (1 or more, or null)")
+    return problems

@@ -202,6 +202,9 @@ def preprocess(ctx: LoadContext) -> LoadContext:
         model, ctx.device_map, checkpoint.largest_shard_bytes, max_memory, ctx.method, ctx.quantizer, source
     ).with_refusals(list(ctx.refusals), offload=ctx.offload_folder is not None)
     plan = dataclasses.replace(plan, hypothetical_devices=list(ctx.hypothetical_devices))
+    plan = plan.with_inference(
+        model, ctx.hf_config.get_text_config(), ctx.dtype, ctx.cfg.plan.batch_size, ctx.cfg.plan.seq_len
+    )
     if ctx.cfg.mode != "plan" and (why := refusal(plan)) is not None:
         raise DeviceMapError(why)
     if ctx.cfg.save.enabled and ctx.cfg.mode != "plan":

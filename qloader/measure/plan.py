@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from qloader.measure.placement import device_of, execution_device
 from qloader.quant.base import QuantMethod
 
 
@@ -43,8 +44,27 @@ class Plan:
     """Logical parameter count (tied weights once)."""
     hypothetical_devices: list[str] = field(default_factory=list)
     """mode=plan: devices of the plan that this host does not have (GPUs named only by their max_memory budget)."""
+    inference: dict | None = None
+    """kv_cache.InferenceRoom as a dict: the KV cache at plan.batch_size x plan.seq_len per device, whether it fits
+    beside the model, the longest context that does; None for a model without a KV cache qloader sizes."""
     refusals: list[str] = field(default_factory=list)
     """mode=plan: why a load of this plan would be refused before reading a weight (a load raises instead)."""
+
+    def room(self) -> dict[str, int]:
+        """Per budgeted device: its budget less the model's share there (negative when short)."""
+        return {d: b - (self.devices[d].total_bytes if d in self.devices else 0) for d, b in self.budgets.items()}
+
+    def with_inference(self, model: nn.Module, text_config: Any, dtype: Any, batch: int, seq_len: int | None) -> Plan:
+        """The plan with the KV cache room at batch x seq_len, the layers' caches where their layers run."""
+        from qloader.measure.kv_cache import inference_room, layer_caches
+
+        caches = layer_caches(model, text_config, self.device_map, dtype)
+        if caches is None:
+            return self
+        room = inference_room(caches, self.room(), batch, seq_len, dtype).as_dict()
+        if room["fits"] is not None:
+            room["fits"] = room["fits"] and self.fits
+        return replace(self, inference=room)
 
     def with_refusals(self, refusals: list[str], offload: bool) -> Plan:
         """The plan with what a load would refuse; without an offload folder, disk is a budget of 0 bytes."""
@@ -90,6 +110,7 @@ class Plan:
             "kept": [group.as_dict() for group in self.kept],
             "refusals": self.refusals,
             "hypothetical_devices": self.hypothetical_devices,
+            "inference": self.inference,
         }
 
 
@@ -117,18 +138,6 @@ def refusal(plan: Plan) -> str | None:
         f"the plan does not fit device_map.max_memory: {where}; raise it ({raise_to} at least), choose a method "
         "that stores less, or run mode=plan to see where each module lands"
     )
-
-
-def device_of(name: str, device_map: dict) -> str:
-    """The device of a module: the longest device_map prefix that owns it."""
-    best = max((p for p in device_map if p == "" or name == p or name.startswith(p + ".")), key=len, default="")
-    return str(device_map.get(best, "cpu"))
-
-
-def execution_device(device_map: dict) -> str:
-    """Where modules offloaded to disk run, as accelerate's `dispatch_model` picks it: the first device of the map
-    that is neither 'cpu' nor 'disk', else 'cpu'."""
-    return next((str(d) for d in device_map.values() if str(d) not in ("cpu", "disk")), "cpu")
 
 
 def budgets_in_bytes(max_memory: dict | None) -> dict[str, int]:
@@ -287,6 +296,10 @@ def render(plan: dict) -> str:
     verdict = "yes" + measured if plan["fits"] else "does not fit" + (": short on " + short if short else "")
     lines.append(f"  {label:<26}{verdict}")
     lines += [f"  a load is refused:        {line}" for line in plan.get("refusals") or []]
+    if plan.get("inference"):
+        from qloader.measure.kv_cache import describe
+
+        lines.append(f"  inference                 {describe(plan['inference'])}")
     return "\n".join(lines)
 
 
