@@ -98,3 +98,22 @@ def test_load_that_does_not_fit_with_device_map_auto_still_fails_in_device_map(t
     assert "short by" in result.stderr and "could not be placed" in result.stderr
     manifest = read_manifest(tmp_path)
     assert (manifest["status"], manifest["error"]["stage"]) == ("failed", "device_map")
+
+
+def test_a_plan_that_does_not_fit_lists_the_methods_that_would(tmp_path) -> None:
+    budget = ["model=tiny-llama", "device_map=cpu", "device_map.max_memory.cpu=200KB"]
+    result = run_cli_in_process("mode=plan", "quant=none", *budget, run_dir=tmp_path / "none")
+    assert result.returncode == PLAN_DOES_NOT_FIT
+    advice = read_manifest(tmp_path / "none")["plan"]["advice"]
+    nf4 = run_cli_in_process("mode=plan", "quant=bnb-nf4", *budget, run_dir=tmp_path / "nf4")
+    assert nf4.returncode == 0
+    nf4_plan = read_manifest(tmp_path / "nf4")["plan"]
+    assert {
+        "quant": "bnb-nf4",
+        "footprint_bytes": nf4_plan["footprint_bytes"],
+        "devices": {"cpu": nf4_plan["footprint_bytes"]},
+    } in advice
+    assert all(row["footprint_bytes"] <= 200_000 for row in advice)
+    assert not {"none", "auto", "bnb-int8"} & {row["quant"] for row in advice}  # int8 is 9,600 B short here
+    assert "would fit instead         quant=" in result.stdout and "quant=bnb-nf4 (0.2 MiB)" in result.stdout
+    assert read_manifest(tmp_path / "nf4")["plan"]["advice"] is None  # asked only when it does not fit

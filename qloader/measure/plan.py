@@ -47,6 +47,9 @@ class Plan:
     inference: dict | None = None
     """kv_cache.InferenceRoom as a dict: the KV cache at plan.batch_size x plan.seq_len per device, whether it fits
     beside the model, the longest context that does; None for a model without a KV cache qloader sizes."""
+    advice: list[dict] | None = None
+    """mode=plan, when it does not fit: the quant options whose plans fit the same budgets (quant, footprint_bytes,
+    devices), from the same planner; None when not asked (it fits, or a load)."""
     refusals: list[str] = field(default_factory=list)
     """mode=plan: why a load of this plan would be refused before reading a weight (a load raises instead)."""
 
@@ -111,6 +114,7 @@ class Plan:
             "refusals": self.refusals,
             "hypothetical_devices": self.hypothetical_devices,
             "inference": self.inference,
+            "advice": self.advice,
         }
 
 
@@ -296,6 +300,9 @@ def render(plan: dict) -> str:
     verdict = "yes" + measured if plan["fits"] else "does not fit" + (": short on " + short if short else "")
     lines.append(f"  {label:<26}{verdict}")
     lines += [f"  a load is refused:        {line}" for line in plan.get("refusals") or []]
+    if plan.get("advice") is not None:
+        fit = ", ".join(f"quant={row['quant']} ({mib(row['footprint_bytes'])})" for row in plan["advice"])
+        lines.append(f"  would fit instead         {fit or 'no registered method fits these budgets'}")
     if plan.get("inference"):
         from qloader.measure.kv_cache import describe
 

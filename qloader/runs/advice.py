@@ -1,0 +1,57 @@
+"""Advice for a plan that does not fit: the registered methods whose plan, from the same planner, does."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from qloader.core.errors import QloaderError
+from qloader.loading.context import LoadContext
+from qloader.loading.stages import stages_for
+
+_QUANT_OVERRIDE = re.compile(r"^[+~]*quant([.=]|$)")
+
+
+@contextmanager
+def _quietly() -> Iterator[None]:
+    """The other plans' warnings (nothing quantized, forward limits) are not this run's."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _plan_with(overrides: list[str], option: str) -> Any:
+    from qloader.config.compose import compose
+
+    cfg = compose([*overrides, f"quant={option}", "mode=plan"])
+    ctx = LoadContext(cfg=cfg, overrides=tuple(overrides))
+    for _, stage in stages_for(cfg):
+        ctx = stage(ctx)
+    return ctx.plan
+
+
+def methods_that_fit(overrides: list[str], current: str | None) -> list[dict]:
+    """Each `quant` option (other than `auto`, the one planned, pre-quantized-only and calibrating methods) whose plan
+    fits the same budgets: its footprint and bytes per device, smallest footprint last. An option this host cannot
+    plan (a method that needs a package or a device it lacks) is left out."""
+    from qloader.config.quant_options import quant_options
+
+    kept = [o for o in overrides if not _QUANT_OVERRIDE.match(o)]
+    found = []
+    for option, method in quant_options().items():
+        if option in ("auto", current) or (method is not None and (method.pre_quantized_only or method.calibrates)):
+            continue
+        try:
+            with _quietly():
+                plan = _plan_with(kept, option)
+        except (QloaderError, ImportError, RuntimeError, ValueError):
+            continue
+        if plan.fits:
+            devices = {d: e.total_bytes for d, e in plan.devices.items()}
+            found.append({"quant": option, "footprint_bytes": plan.footprint_bytes, "devices": devices})
+    return sorted(found, key=lambda row: -row["footprint_bytes"])
