@@ -155,6 +155,9 @@ class PlanConfig:
     seq_len: int | None = None
     """Tokens per sequence to check room for: the plan says whether the model and its KV cache at batch_size x
     seq_len fit the budgets. null: only the longest context that fits is given."""
+    advice: bool = True
+    """mode=plan, when the plan does not fit: plan every registered method for the same budgets and list those that
+    fit (one plan each: seconds for a large model)."""
 
 
 # ---------------------------------------------------------------- the whole run

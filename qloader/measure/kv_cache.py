@@ -42,6 +42,8 @@ class InferenceRoom:
     """The longest context (tokens per sequence, at batch_size) whose KV cache fits beside the model."""
     kv_bytes_per_token: int
     """KV cache per token of one sequence, over all layers (sliding-window layers count while under their window)."""
+    context_limit: int | None = None
+    """The model's own longest context (config.json max_position_embeddings), whatever the memory holds."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +89,12 @@ def _cache_by_device(caches: list[LayerCache], batch: int, tokens: int) -> dict[
 
 
 def inference_room(
-    caches: list[LayerCache], room: dict[str, int], batch: int, seq_len: int | None, dtype: Any
+    caches: list[LayerCache],
+    room: dict[str, int],
+    batch: int,
+    seq_len: int | None,
+    dtype: Any,
+    context_limit: int | None = None,
 ) -> InferenceRoom:
     """`room`: per device, its budget less the model's share there (a device without a budget is unbounded)."""
 
@@ -107,6 +114,7 @@ def inference_room(
         fits=None if seq_len is None else all(n >= 0 for n in room.values()) and fits(seq_len),
         max_tokens=low if all(n >= 0 for n in room.values()) else 0,
         kv_bytes_per_token=sum(cache.bytes_per_token for cache in caches),
+        context_limit=context_limit,
     )
 
 
@@ -118,6 +126,9 @@ def describe(inference: dict) -> str:
     longest = f"longest context at batch {batch}: {inference['max_tokens']:,} tokens"
     if inference["max_tokens"] >= MAX_TOKENS:
         longest = f"longest context at batch {batch}: over {MAX_TOKENS:,} tokens"
+    limit = inference.get("context_limit")
+    if limit and inference["max_tokens"] > limit:
+        longest += f" (the model's max_position_embeddings is {limit:,})"
     if seq is None:
         return longest
     cache = f"KV cache {mib(sum(inference['kv_cache_bytes'].values()))} {inference['cache_dtype']}"

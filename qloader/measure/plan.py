@@ -64,7 +64,8 @@ class Plan:
         caches = layer_caches(model, text_config, self.device_map, dtype)
         if caches is None:
             return self
-        room = inference_room(caches, self.room(), batch, seq_len, dtype).as_dict()
+        limit = getattr(text_config, "max_position_embeddings", None)
+        room = inference_room(caches, self.room(), batch, seq_len, dtype, limit).as_dict()
         if room["fits"] is not None:
             room["fits"] = room["fits"] and self.fits
         return replace(self, inference=room)
