@@ -97,7 +97,7 @@ def validate(ctx: LoadContext) -> LoadContext:
     hypothetical = checks.hypothetical_gpus(ctx.cfg.device_map) if ctx.cfg.mode == "plan" else []
     cuda_devices = checks.check_cuda_request(ctx.cfg.device_map, hypothetical)
     request = devices.device_map_request(ctx.cfg.device_map)
-    lifecycle.check_host(ctx.quantization, cuda_devices + len(hypothetical))
+    lifecycle.check_host(ctx.quantization, cuda_devices)  # a method's own GPU check asks this host's GPUs
     environment.check_versions(None if ctx.method is None else ctx.method.versions)
     lifecycle.validate_quantizer(ctx.quantization, ctx.quantizer, devices.quantizer_request(request))
     checks.check_pinned_hashes(ctx.cfg.model.get("expected_sha256") or {}, ctx.checkpoint)

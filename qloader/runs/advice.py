@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from qloader.core.errors import QloaderError
 from qloader.loading.context import LoadContext
 from qloader.loading.stages import stages_for
 
@@ -49,7 +48,7 @@ def methods_that_fit(overrides: list[str], current: str | None) -> list[dict]:
         try:
             with _quietly():
                 plan = _plan_with(kept, option)
-        except (QloaderError, ImportError, RuntimeError, ValueError):
+        except Exception:  # noqa: BLE001 (a method this host cannot plan: its package or device is missing)
             continue
         if plan.fits:
             devices = {d: e.total_bytes for d, e in plan.devices.items()}
