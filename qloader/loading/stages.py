@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from qloader.checkpoint import integrity
 from qloader.checkpoint import writer as checkpoint_writer
 from qloader.checkpoint.reader import default_hash_cache, inspect_checkpoint
-from qloader.checkpoint.sources import checkpoint_folder, hub_origin
+from qloader.checkpoint.sources import checkpoint_folder, from_hub, hub_origin, hub_plan_folder
 from qloader.core.errors import CheckpointError, CheckpointMismatchError, DeviceMapError, LoadError
 from qloader.core.names import STAGE_NAMES, dtype_name
 from qloader.loading import checks, devices
@@ -71,8 +71,12 @@ def _resolve_model(ctx: LoadContext) -> LoadContext:
 def _inspect(model: DictConfig, hash_files: bool, partial: bool = False):
     """The checkpoint the `model` source gives, its headers and hashes read; custom code refused unless trusted.
     `partial` (mode=plan): config.json alone, or some of the shards, is enough."""
+    if partial and from_hub(model):  # a plan reads the hub's config.json and headers, no weight
+        folder, headers_only = hub_plan_folder(model.repo_id, model.get("revision"))
+    else:
+        folder, headers_only = checkpoint_folder(model), False
     checkpoint = inspect_checkpoint(
-        checkpoint_folder(model),
+        folder,
         hashes=default_hash_cache(trust=not model.get("verify_hashes", False)),
         hash_files=hash_files,
         allow_pickle=model.allow_pickle,
@@ -80,6 +84,9 @@ def _inspect(model: DictConfig, hash_files: bool, partial: bool = False):
     )
     if (hub := hub_origin(model, checkpoint.path)) is not None:
         checkpoint = dataclasses.replace(checkpoint, hub=hub)
+    if headers_only:  # the shards here are the hub's headers, with no data; the folder is named after the commit
+        contents = "headers" if checkpoint.shards else checkpoint.contents
+        checkpoint = dataclasses.replace(checkpoint, hub={**hub, "commit": folder.name}, contents=contents)
     integrity.check_remote_code(checkpoint.path / "config.json", trusted=model.trust_remote_code)
     return checkpoint
 
