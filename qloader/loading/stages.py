@@ -140,7 +140,8 @@ def device_map(ctx: LoadContext) -> LoadContext:
         ctx.model_choice.cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.checkpoint
     )
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
-    final = hf_loading.infer_device_map(sizing, request, max_memory, ctx.quantizer)
+    final = hf_loading.infer_device_map(sizing, request, dict(max_memory or {}) or None, ctx.quantizer)  # a copy:
+    # accelerate converts the sizes in place, and the messages below show them as the user wrote them
     refusals = []
     try:
         if (on_disk := devices.on_disk(final)) and offload_folder is None:
