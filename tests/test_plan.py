@@ -112,6 +112,7 @@ def test_a_plan_that_does_not_fit_lists_the_methods_that_would(tmp_path) -> None
         "quant": "bnb-nf4",
         "footprint_bytes": nf4_plan["footprint_bytes"],
         "devices": {"cpu": nf4_plan["footprint_bytes"]},
+        "fewest_gpus": None,  # no GPU budgets
     } in advice
     assert all(row["footprint_bytes"] <= 200_000 for row in advice)
     assert not {"none", "auto", "bnb-int8"} & {row["quant"] for row in advice}  # int8 is 9,600 B short here

@@ -71,3 +71,19 @@ def test_a_load_refuses_absent_gpus_in_one_line_naming_the_budgets(tmp_path) -> 
     assert "device_map 'auto'" not in line and line.count("drop those GPU budgets") == 1
     assert "device_map.max_memory.0=null device_map.max_memory.1=null" in line and "mode=plan" in line
     assert read_manifest(tmp_path)["error"]["type"] == "EnvironmentMismatchError"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans GPUs this host does not have")
+def test_advice_gives_the_fewest_of_the_budgeted_gpus_each_method_needs(tmp_path) -> None:
+    budgets = [f"device_map.max_memory.{gpu}=130KiB" for gpu in range(3)]
+    result = run_cli_in_process("mode=plan", "model=tiny-llama", "quant=none", *budgets, run_dir=tmp_path / "none")
+    assert result.returncode == 3, result.stderr
+    advice = {row["quant"]: row for row in read_manifest(tmp_path / "none")["plan"]["advice"]}
+    fewest = advice["bnb-nf4"]["fewest_gpus"]
+    assert fewest in (1, 2, 3) and f"quant=bnb-nf4 (0.2 MiB, {fewest} GPU(s))" in result.stdout
+    for gpus, fits in ((fewest, 0), (fewest - 1, 3)):  # the first `fewest` GPUs hold it, one fewer does not
+        if gpus:
+            run = tmp_path / f"nf4-{gpus}"
+            asked = [*budgets[:gpus], *(f"device_map.max_memory.{gpu}=null" for gpu in range(gpus, 3))]
+            planned = run_cli_in_process("mode=plan", "model=tiny-llama", "quant=bnb-nf4", *asked, run_dir=run)
+            assert planned.returncode == fits, planned.stdout

@@ -302,7 +302,12 @@ def render(plan: dict) -> str:
     lines.append(f"  {label:<26}{verdict}")
     lines += [f"  a load is refused:        {line}" for line in plan.get("refusals") or []]
     if plan.get("advice") is not None:
-        fit = ", ".join(f"quant={row['quant']} ({mib(row['footprint_bytes'])})" for row in plan["advice"])
+        fit = ", ".join(
+            f"quant={row['quant']} ({mib(row['footprint_bytes'])}"
+            + (f", {row['fewest_gpus']} GPU(s)" if row.get("fewest_gpus") else "")
+            + ")"
+            for row in plan["advice"]
+        )
         lines.append(f"  would fit instead         {fit or 'no registered method fits these budgets'}")
     if plan.get("inference"):
         from qloader.measure.kv_cache import describe

@@ -52,5 +52,20 @@ def methods_that_fit(overrides: list[str], current: str | None) -> list[dict]:
             continue
         if plan.fits:
             devices = {d: e.total_bytes for d, e in plan.devices.items()}
-            found.append({"quant": option, "footprint_bytes": plan.footprint_bytes, "devices": devices})
+            row = {"quant": option, "footprint_bytes": plan.footprint_bytes, "devices": devices}
+            found.append({**row, "fewest_gpus": _fewest_gpus(kept, option, plan)})
     return sorted(found, key=lambda row: -row["footprint_bytes"])
+
+
+def _fewest_gpus(overrides: list[str], option: str, plan: Any) -> int | None:
+    """The fewest of the budgeted GPUs (the first k, in index order) whose plan still fits; None without GPUs."""
+    gpus = sorted((d for d, src in plan.budget_sources.items() if d.isdigit() and src == "max_memory"), key=int)
+    for k in range(1, len(gpus)):
+        dropped = [f"device_map.max_memory.{gpu}=null" for gpu in gpus[k:]]
+        try:
+            with _quietly():
+                if _plan_with([*overrides, *dropped], option).fits:
+                    return k
+        except Exception:  # noqa: BLE001 (as in methods_that_fit: a plan this host cannot make)
+            continue
+    return len(gpus) or None
