@@ -5,19 +5,18 @@ tensors) that it does not have, and it counts every byte it serves."""
 from __future__ import annotations
 
 import json
-import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from conftest import read_manifest, run_cli_in_process
+from families import shape_only_shards
 
 CONFIG = Path(__file__).parent / "data" / "configs" / "Llama-3.1-70B" / "config.json"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO = "fake-org/giant-70b"
 SHARDS = 30
-BF16 = 2
 
 
 def llama_70b_tensors() -> dict[str, list[int]]:
@@ -38,24 +37,11 @@ class FakeHub:
         self.files: dict[str, bytes] = {"config.json": CONFIG.read_bytes()}
         self.sizes: dict[str, int] = {}
         self.served = 0
-        names = list(tensors)
-        per_shard = math.ceil(len(names) / SHARDS)
-        weight_map = {}
-        for index in range(SHARDS):
-            file = f"model-{index + 1:05d}-of-{SHARDS:05d}.safetensors"
-            header, offset = {"__metadata__": {"format": "pt"}}, 0
-            for name in names[index * per_shard : (index + 1) * per_shard]:
-                size = math.prod(tensors[name]) * BF16
-                header[name] = {"dtype": "BF16", "shape": tensors[name], "data_offsets": [offset, offset + size]}
-                offset, weight_map[name] = offset + size, file
-            raw = json.dumps(header).encode()
-            raw += b" " * (-len(raw) % 8)
-            self.files[file] = len(raw).to_bytes(8, "little") + raw
-            self.sizes[file] = 8 + len(raw) + offset
-        total = sum(math.prod(shape) * BF16 for shape in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        shards, index = shape_only_shards(tensors, SHARDS)
+        for file, (header, size) in shards.items():
+            self.files[file], self.sizes[file] = header, size
         self.files["model.safetensors.index.json"] = json.dumps(index).encode()
-        self.total = total
+        self.total = index["metadata"]["total_size"]
 
     def size(self, name: str) -> int:
         return self.sizes.get(name, len(self.files[name]))
