@@ -118,3 +118,15 @@ def test_a_plan_that_does_not_fit_lists_the_methods_that_would(tmp_path) -> None
     assert not {"none", "auto", "bnb-int8"} & {row["quant"] for row in advice}  # int8 is 9,600 B short here
     assert "would fit instead         quant=" in result.stdout and "quant=bnb-nf4 (0.2 MiB)" in result.stdout
     assert read_manifest(tmp_path / "nf4")["plan"]["advice"] is None  # asked only when it does not fit
+
+
+def test_the_plan_for_cpu_and_disk_budgets_is_the_map_the_load_uses(tmp_path) -> None:
+    budget = ["model=tiny-llama", "quant=none", "device_map.max_memory.cpu=200KB"]
+    budget += [f"device_map.offload_folder={tmp_path / 'offload'}"]
+    planned = run_cli_in_process("mode=plan", *budget, run_dir=tmp_path / "plan")
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    plan = read_manifest(tmp_path / "plan")["plan"]
+    assert {"cpu", "disk"} <= set(plan["device_map"].values()) and "on disk:" in planned.stdout
+    loaded = qloader.load(budget, run_dir=tmp_path / "load").manifest
+    assert loaded["plan"]["device_map"] == plan["device_map"] == loaded["model"]["device_map"]
+    assert loaded["plan"]["devices"] == plan["devices"]
