@@ -14,7 +14,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from qloader.config.compose import CONFIG_NAME, GROUPS, config_dir, share_config_store
+from qloader.config.compose import CONFIG_NAME, GROUPS, config_dir, share_config_store, with_device_budgets
 from qloader.config.schema import register_configs
 from qloader.core.errors import OutputError
 from qloader.core.exits import exit_on_failure
@@ -43,9 +43,12 @@ def _main(cfg: DictConfig) -> str | None:
         choices = {group: hydra_cfg.runtime.choices.get(group) for group in GROUPS}
         result = pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task), choices=choices)
     if cfg.mode == "plan":
+        from qloader.core.exits import plan_exit_code
         from qloader.measure.plan import render
 
         print(render(result.manifest["plan"]))
+        if code := plan_exit_code(result.manifest["plan"]["fits"]):
+            sys.exit(code)
     elif cfg.summary:
         print(summary.render(result.manifest))
 
@@ -155,6 +158,7 @@ def main() -> None:
 
 
 def _run_hydra(user_wants_hydra_report: bool) -> None:
+    sys.argv[1:] = with_device_budgets(sys.argv[1:])  # device_map.max_memory.N=SIZE for any N, no `+`
     try:
         _main()
     except KeyboardInterrupt as interrupt:  # a sweep's launcher, or Hydra before a run: one line, no traceback

@@ -232,18 +232,15 @@ def write_checkpoint(family: Family, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def write_shape_only_checkpoint(config, tensors: dict[str, list[int]], folder: Path, shards: int) -> Path:
-    """A checkpoint whose shards declare `tensors` (name -> shape, bf16) with no data on disk: each shard is a
-    sparse file with a real safetensors header, so plan mode (which reads headers only) sizes a model of any
-    size. Reading a tensor would give zeros."""
+def shape_only_shards(tensors: dict[str, list[int]], shards: int) -> tuple[dict[str, tuple[bytes, int]], dict]:
+    """`tensors` (name -> shape, bf16) split over `shards` safetensors files: file -> (its header, as the file
+    starts: length and JSON; the file's whole size), and the index (`total_size`, `weight_map`)."""
     import json
     import math
 
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(folder)
     names = list(tensors)
     per_shard = math.ceil(len(names) / shards)
-    weight_map = {}
+    files, weight_map = {}, {}
     for index in range(shards):
         file = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
         header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -254,10 +251,24 @@ def write_shape_only_checkpoint(config, tensors: dict[str, list[int]], folder: P
             weight_map[name] = file
         raw = json.dumps(header).encode()
         raw += b" " * (-len(raw) % 8)
+        files[file] = (len(raw).to_bytes(8, "little") + raw, 8 + len(raw) + offset)
+    total = sum(math.prod(s) * 2 for s in tensors.values())
+    return files, {"metadata": {"total_size": total}, "weight_map": weight_map}
+
+
+def write_shape_only_checkpoint(config, tensors: dict[str, list[int]], folder: Path, shards: int) -> Path:
+    """A checkpoint whose shards declare `tensors` (name -> shape, bf16) with no data on disk: each shard is a
+    sparse file with a real safetensors header, so plan mode (which reads headers only) sizes a model of any
+    size. Reading a tensor would give zeros."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    files, index = shape_only_shards(tensors, shards)
+    for file, (header, size) in files.items():
         with (folder / file).open("wb") as f:
-            f.write(len(raw).to_bytes(8, "little") + raw)
-            f.truncate(8 + len(raw) + offset)  # sparse: no blocks written
-    index = {"metadata": {"total_size": sum(math.prod(s) * 2 for s in tensors.values())}, "weight_map": weight_map}
+            f.write(header)
+            f.truncate(size)  # sparse: no blocks written
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     return folder
 

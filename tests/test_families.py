@@ -322,11 +322,16 @@ def test_mixtral_8x7b_auto_map_without_budget_names_the_available_memory(mixtral
 
     if psutil.virtual_memory().available > 80 * GiB or torch.cuda.is_available():
         pytest.skip("this host could hold the model")
-    with pytest.raises(DeviceMapError) as raised:
-        load(mixtral_8x7b, tmp_path, "mode=plan", "quant=bnb-nf4", "device_map=auto")
+    with pytest.raises(DeviceMapError) as raised:  # a load is refused before reading a weight
+        load(mixtral_8x7b, tmp_path / "load", "quant=bnb-nf4", "device_map=auto")
     message = str(raised.value)
     assert "with no max_memory set: the model does not fit the memory available (cpu " in message
     assert "allows 0.0 MiB" not in message and "short by" in message
+    # a plan records the same refusal, and shows what lands on disk
+    planned = load(mixtral_8x7b, tmp_path / "plan", "mode=plan", "quant=bnb-nf4", "plan.advice=false").manifest["plan"]
+    (refusal,) = planned["refusals"]  # the memory available moved between the two runs; the rest is the same
+    assert refusal.split(" (cpu ")[0] == message.split(" (cpu ")[0] and "could not be placed: lm_head" in refusal
+    assert planned["fits"] is False and planned["shortfall_bytes"]["disk"] > 0
 
 
 # A sweep over model.path ---------------------------------------------------------------------------------------

@@ -148,8 +148,10 @@ def check_tensors_fit_model(
     where: Path,
     created: set[str] = frozenset(),
     source_shapes: dict[str, tuple[int, ...]] | None = None,
+    partial: bool = False,
 ) -> None:
-    """Every weight the model needs is in the checkpoint, nothing else is, and shapes agree.
+    """Every weight the model needs is in the checkpoint, nothing else is, and shapes agree (`partial`, a plan from
+    some of the shards' headers: only that what they hold is the model's, in its shapes).
 
     Keys are matched as transformers' loader will rename them (`weight_mapping`, base-model prefix);
     tied weights and the model's own ignore patterns are exempt, as in `from_pretrained`. Read from
@@ -187,7 +189,7 @@ def check_tensors_fit_model(
             mismatched.append(f"{key}: checkpoint {list(shape)}, model {list(wanted)}")
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     info = LoadStateDictInfo(
-        missing_keys=set(expected) - found - tied - set(created),
+        missing_keys=set() if partial else set(expected) - found - tied - set(created),
         unexpected_keys=unexpected,
         mismatched_keys=set(),
         error_msgs=[],

@@ -49,10 +49,14 @@ class Checkpoint:
     """How many files were hashed afresh, rather than taken from the hash cache."""
     hub: dict | None = None
     """model=hub: repo_id, the revision asked for, and the commit it resolved to."""
+    contents: str = "checkpoint"
+    """What a plan is computed from: 'checkpoint' (every shard here), 'headers' (an index and/or the headers of
+    some of its shards: a partial download), 'config-only' (config.json alone). Only mode=plan reads the last two."""
 
     @property
     def largest_shard_bytes(self) -> int:
-        return max(shard.stat().st_size for shard in self.shards)
+        """The largest shard here (0 when there is none: a plan from config.json alone)."""
+        return max((shard.stat().st_size for shard in self.shards), default=0)
 
     @property
     def parameters(self) -> int:
@@ -87,8 +91,11 @@ def _read_index(index_path: Path) -> dict:
     return index
 
 
-def _find_shards(folder: Path, allow_pickle: bool) -> tuple[list[Path], Path | None, dict | None, str]:
-    """The weight files, the index (path and metadata) and the format: safetensors, else pickle if allowed."""
+def _find_shards(
+    folder: Path, allow_pickle: bool, partial: bool = False
+) -> tuple[list[Path], Path | None, dict | None, str]:
+    """The weight files, the index (path and metadata) and the format: safetensors, else pickle if allowed.
+    `partial` (mode=plan): shards the index lists may be missing, and a folder may hold no weights at all."""
     for index_name, single_name, fmt in (
         (INDEX_NAME, SINGLE_NAME, "safetensors"),
         (PICKLE_INDEX_NAME, PICKLE_SINGLE_NAME, "pickle"),
@@ -109,14 +116,17 @@ def _find_shards(folder: Path, allow_pickle: bool) -> tuple[list[Path], Path | N
         weight_map: dict[str, str] = index["weight_map"]
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
+        if missing and not partial:
             raise CheckpointError(f"{index_path} lists shard(s) that do not exist: {', '.join(missing)}")
+        names = [n for n in names if n not in missing]
         metadata = {
             **(index.get("metadata") or {}),
             "all_checkpoint_keys": list(weight_map),
             "weight_map": weight_map,
         }
         return [folder / n for n in names], index_path, metadata, fmt
+    if partial:
+        return [], None, None, "safetensors"
     raise CheckpointError(f"checkpoint '{folder}' has no safetensors weights (expected {SINGLE_NAME} or {INDEX_NAME})")
 
 
@@ -173,18 +183,25 @@ def default_hash_cache(trust: bool = True) -> HashCache:
 
 
 def inspect_checkpoint(
-    folder: Path, hashes: HashCache | None = None, hash_files: bool = True, allow_pickle: bool = False
+    folder: Path,
+    hashes: HashCache | None = None,
+    hash_files: bool = True,
+    allow_pickle: bool = False,
+    partial: bool = False,
 ) -> Checkpoint:
     """Find the weight shards, read their headers and hash every input file (plan mode hashes nothing).
 
-    Every shard is checked here, before any tensor is read: readable, consistent with its index.
+    Every shard is checked here, before any tensor is read: readable, consistent with its index. `partial`
+    (mode=plan): a folder with config.json alone, or an index whose shards are not all here, is enough.
     """
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"checkpoint '{folder}' has no config.json (expected a transformers checkpoint folder)")
-    shards, index_path, metadata, fmt = _find_shards(folder, allow_pickle)
+    shards, index_path, metadata, fmt = _find_shards(folder, allow_pickle, partial)
     tensors, shapes = _read_headers(shards) if fmt == "safetensors" else _read_pickles(shards)
+    contents = _contents(shards, metadata)
     if index_path is not None:
-        check_index(index_path, metadata["weight_map"], tensors)
+        here = {shard.name for shard in shards}
+        check_index(index_path, {k: v for k, v in metadata["weight_map"].items() if v in here}, tensors)
     hashes = hashes or default_hash_cache()
     start = time.perf_counter()
     inputs = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES)
@@ -200,7 +217,17 @@ def inspect_checkpoint(
         format=fmt,
         hash_seconds=round(time.perf_counter() - start, 4),
         hashed_files=hashes.misses,
+        contents=contents,
     )
+
+
+def _contents(shards: list[Path], metadata: dict | None) -> str:
+    """'checkpoint' when every weight file is here, 'headers' when an index lists some that are not, 'config-only'
+    when there are none."""
+    if not shards:
+        return "headers" if metadata else "config-only"
+    listed = set((metadata or {}).get("weight_map", {}).values())
+    return "headers" if listed - {shard.name for shard in shards} else "checkpoint"
 
 
 def _add_tensor(tensors: dict[str, Path], name: str, shard: Path) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -241,9 +242,14 @@ def hub_checkpoint(repo_id: str, revision: str | None = None) -> Path:
         ) from e
 
 
+def from_hub(model) -> bool:
+    """Is the `model` source the Hugging Face Hub (model=hub)?"""
+    return model.get("_target_") == "qloader.checkpoint.sources.hub_checkpoint"
+
+
 def hub_origin(model, path: Path) -> dict | None:
     """For model=hub: the repo, the revision asked for, and the commit it resolved to (the snapshot's name)."""
-    if model.get("_target_") != "qloader.checkpoint.sources.hub_checkpoint":
+    if not from_hub(model):
         return None
     commit = path.name if path.parent.name == "snapshots" else None
     return {"repo_id": model.repo_id, "revision": model.get("revision"), "commit": commit}
@@ -267,3 +273,69 @@ def checkpoint_tokenizer(folder: Path):
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, ImportError) as e:
         raise CheckpointError(f"checkpoint '{folder}': its tokenizer cannot be loaded: {str(e).strip()}") from e
+
+
+def hub_plan_folder(repo_id: str, revision: str | None = None) -> tuple[Path, bool]:
+    """model=hub in mode=plan: config.json and the safetensors headers only, never a weight byte; and whether the
+    folder holds headers only (offline, `HF_HUB_OFFLINE=1`: the hub cache's snapshot, as it is).
+
+    config.json (and the index) come through the hub cache (`hf_hub_download`); each shard's header through two
+    HTTP range requests (its 8-byte length, then the header itself). Each shard is written to qloader's cache as a
+    sparse file holding the header exactly as served and no data, so the plan reads it with safetensors' own
+    parser and sizes it as the real shard.
+    """
+    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from qloader.checkpoint.reader import INDEX_NAME, SINGLE_NAME
+    from qloader.core.cache import cache_dir
+
+    if constants.HF_HUB_OFFLINE:
+        return hub_checkpoint(repo_id, revision), False
+
+    asked = f"{repo_id}@{revision}" if revision else repo_id
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"))  # as set now (huggingface_hub reads it once, on import)
+    try:
+        config = Path(hf_hub_download(repo_id, "config.json", revision=revision, endpoint=api.endpoint))
+        commit = config.parent.name  # the snapshot folder is named after the commit the revision resolved to
+        folder = cache_dir() / "hub-headers" / repo_id.replace("/", "--") / commit
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_bytes(config.read_bytes())
+        shards = [SINGLE_NAME] if api.file_exists(repo_id, SINGLE_NAME, revision=commit) else []
+        if not shards and api.file_exists(repo_id, INDEX_NAME, revision=commit):
+            index = Path(hf_hub_download(repo_id, INDEX_NAME, revision=commit, endpoint=api.endpoint))
+            (folder / INDEX_NAME).write_bytes(index.read_bytes())
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        for shard in shards:
+            _write_header_shard(api.endpoint, repo_id, commit, shard, folder / shard)
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"model.repo_id '{asked}': its config.json and safetensors headers could not be fetched from the hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the name and model.revision"
+        ) from e
+    return folder, True
+
+
+HEADER_LIMIT = 100_000_000
+"""safetensors refuses headers over 100 MB; a hub file that claims more is not one."""
+
+
+def _write_header_shard(endpoint: str, repo_id: str, commit: str, name: str, target: Path) -> None:
+    """The shard's header as served (two range requests), then a hole as long as the shard (its size from a HEAD)."""
+    from huggingface_hub import get_hf_file_metadata, get_session, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+
+    url = hf_hub_url(repo_id, name, revision=commit, endpoint=endpoint)
+    size = get_hf_file_metadata(url).size
+
+    def served(first: int, last: int) -> bytes:
+        response = get_session().get(url, headers={**build_hf_headers(), "range": f"bytes={first}-{last}"})
+        hf_raise_for_status(response)
+        return response.content[: last - first + 1]
+
+    length = int.from_bytes(served(0, 7), "little")
+    if not 0 < length <= HEADER_LIMIT or size is None or 8 + length > size:
+        raise CheckpointError(f"{url}: not a safetensors file (header length {length:,}, file size {size})")
+    with target.open("wb") as f:
+        f.write(length.to_bytes(8, "little") + served(8, 7 + length))
+        f.truncate(size)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -36,6 +38,33 @@ def share_config_store() -> None:
     ConfigStore.__deepcopy__ = lambda self, memo: self
 
 
+_DEVICE_BUDGET = re.compile(r"^device_map\.max_memory\.[^=.]+=")
+
+
+def with_device_budgets(overrides: Sequence[str]) -> list[str]:
+    """`device_map.max_memory.N=SIZE` for any device N, with no `+`: Hydra adds a key only when asked (`++` adds or
+    sets), and a budget names a device, not a schema field (`check_device_fields` checks each key)."""
+    return [f"++{o}" if _DEVICE_BUDGET.match(o) else o for o in overrides]
+
+
+@contextmanager
+def _beside_a_running_app() -> Iterator[None]:
+    """Composing inside a run (a plan's advice composes the other methods' configs): Hydra's global state is the
+    running app's, put back as it was afterwards."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    if not GlobalHydra.instance().is_initialized():
+        yield
+        return
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        yield
+    finally:
+        restore_gh_from_backup(backup)
+
+
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
     """The same config `qloader <overrides>` would run (Hydra's compose API, no run dir)."""
     return compose_with_choices(overrides)[0]
@@ -49,8 +78,8 @@ def compose_with_choices(overrides: Sequence[str] = ()) -> tuple[DictConfig, dic
 
     register_configs()
     share_config_store()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)
+    with _beside_a_running_app(), initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name=CONFIG_NAME, overrides=with_device_budgets(overrides), return_hydra_config=True)
     choices = {group: cfg.hydra.runtime.choices.get(group) for group in GROUPS}
     with open_dict(cfg):
         del cfg["hydra"]

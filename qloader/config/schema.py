@@ -103,8 +103,8 @@ class DeviceMapConfig:
     strategy: Strategy = Strategy["auto"]
     """auto | balanced | balanced_low_0 | sequential | cpu | cuda | cuda:0 ... cuda:7 | explicit."""
     max_memory: dict[str, Any] = field(default_factory=lambda: {"cpu": None, "0": None})
-    """Per-device budget, e.g. `device_map.max_memory.cpu=2GiB`; null lets accelerate measure.
-    Further GPUs: `+device_map.max_memory.1=20GiB`."""
+    """Per-device budget, e.g. `device_map.max_memory.cpu=2GiB`, `device_map.max_memory.1=80GiB` (any GPU index, no
+    `+` needed); null lets accelerate measure. mode=plan accepts GPUs this host does not have."""
     modules: dict[str, Any] = field(default_factory=dict)
     """The module -> device mapping, used with strategy=explicit."""
     offload_folder: str | None = None
@@ -167,6 +167,18 @@ class SweepConfig:
     config and input hashes is skipped; the others run again, their earlier records kept as manifest.attempt-N.json."""
 
 
+@dataclass
+class PlanConfig:
+    batch_size: int = 1
+    """Sequences the KV cache is sized for (mode=plan and every load's plan)."""
+    seq_len: int | None = None
+    """Tokens per sequence to check room for: the plan says whether the model and its KV cache at batch_size x
+    seq_len fit the budgets. null: only the longest context that fits is given."""
+    advice: bool = True
+    """mode=plan, when the plan does not fit: plan every registered method for the same budgets and list those that
+    fit (one plan each: seconds for a large model)."""
+
+
 # ---------------------------------------------------------------- the whole run
 
 
@@ -181,6 +193,7 @@ class QloaderConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     probe: ProbeConfig = MISSING
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     mode: Mode = Mode["load"]
     """load: run all seven stages. plan: only resolve ... preprocess on the meta device, and print
     the device map, the bytes per device and the estimated peak, reading no tensor data."""
@@ -254,6 +267,10 @@ def check_choices(cfg: DictConfig) -> list[str]:
     finite = cfg.validate.finite
     if not isinstance(finite, bool) and finite != "auto":
         problems.append(f"validate.finite '{finite}' is not one of true, false, auto")
+    if cfg.plan.batch_size < 1:
+        problems.append(f"plan.batch_size {cfg.plan.batch_size} is not a number of sequences (1 or more)")
+    if cfg.plan.seq_len is not None and cfg.plan.seq_len < 1:
+        problems.append(f"plan.seq_len {cfg.plan.seq_len} is not a number of tokens (1 or more, or null)")
     cache = cfg.get("cache")
     if cache is not None:
         quantized = cache.quantized

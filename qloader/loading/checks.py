@@ -51,11 +51,24 @@ def check_model_size(hf_config, checkpoint: Checkpoint, device_map: DictConfig) 
     check_host_capacity(parameters, disk, str(config_json))
 
 
-def check_cuda_request(device_map: DictConfig) -> int:
-    """The CUDA devices the device map asks for must be here; returns how many this host has."""
+def hypothetical_gpus(device_map: DictConfig) -> list[str]:
+    """mode=plan: the GPUs `device_map.max_memory` budgets that this host does not have ('0', '1', ...)."""
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    budgets = devices.max_memory_request(device_map) or {}
+    return [str(key) for key in sorted(k for k in budgets if isinstance(k, int) and k >= available)]
+
+
+def check_cuda_request(device_map: DictConfig, hypothetical: list[str] = ()) -> int:
+    """The CUDA devices the device map asks for must be here, except the `hypothetical` ones a plan budgets; returns
+    how many this host has."""
     import torch
 
     settings = devices.cuda_settings(device_map)
+    settings = {
+        s: i for s, i in settings.items() if not (s.startswith("device_map.max_memory.") and str(i) in hypothetical)
+    }
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if settings and not available:
         raise EnvironmentMismatchError(
@@ -77,10 +90,12 @@ def _cpu_instead(settings: dict[str, int]) -> str:
         fixes.append("use device_map=cpu or device_map=auto")
     if any(s.startswith("device_map.modules") for s in settings):
         fixes.append("place those modules on cpu in device_map.modules, or use device_map=auto")
-    for setting in settings:
-        if setting.startswith("device_map.max_memory."):
-            key = setting.split("=", 1)[0]
-            fixes.append(f"drop that GPU budget ({key}=null) and budget the CPU with device_map.max_memory.cpu=SIZE")
+    if budgets := [s.split("=", 1)[0] for s in settings if s.startswith("device_map.max_memory.")]:
+        which = "that GPU budget" if len(budgets) == 1 else "those GPU budgets"
+        fixes.append(
+            f"drop {which} ({' '.join(f'{k}=null' for k in budgets)}) "
+            "and budget the CPU with device_map.max_memory.cpu=SIZE, or plan for GPUs that are not here with mode=plan"
+        )
     return "; ".join(fixes)
 
 

@@ -39,10 +39,15 @@ class LoadContext:
     quantizer: Any = None
     # validate
     environment: dict = field(default_factory=dict)
+    hypothetical_devices: tuple[str, ...] = ()
+    """mode=plan: GPUs that device_map.max_memory budgets and this host does not have ('0', '1')."""
     # device_map
     device_map_request: Any = None
     device_map: dict | None = None
     offload_folder: Path | None = None
+    refusals: tuple[str, ...] = ()
+    """mode=plan: why a load of this device map would be refused (modules on disk without an offload folder, a
+    method that cannot run them there); a load raises DeviceMapError instead of recording them."""
     source: Any = None
     """hf_loading.SourceFacts: the skeleton before the quantizer's swaps (checkpoint-side shapes, logical size)."""
     # preprocess

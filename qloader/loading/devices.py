@@ -120,6 +120,8 @@ def weights_device(device_map: DictConfig) -> str:
         return "cuda"
     if strategy == "explicit":
         return "cpu"
+    if any(isinstance(key, int) for key in max_memory_request(device_map) or {}):  # a GPU budget: GPUs hold weights
+        return "cuda"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

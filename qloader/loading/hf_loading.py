@@ -198,10 +198,24 @@ def read_config(path: Path, trust_remote_code: bool) -> PreTrainedConfig:
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_json}: {e}") from e
+        raise CheckpointError(f"{config_json}: {_unknown_model_type(config_json) or e}") from e
     except (TypeError, AttributeError, RecursionError, StrictDataclassError) as e:  # a field transformers refused
         reason = " ".join(str(e).split())
         raise CheckpointError(f"{config_json}: {type(e).__name__}: {reason}; {config_files.RESTORE}") from e
+
+
+def _unknown_model_type(config_json: Path) -> str | None:
+    """'model_type 'x' is not an architecture transformers 5.0 knows; ...' when that is why AutoConfig refused it."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config_files.read_json_object(config_json).get("model_type")
+    if model_type is None or model_type in CONFIG_MAPPING:
+        return None
+    return (
+        f"model_type '{model_type}' is not an architecture transformers {transformers.__version__} knows; upgrade "
+        "transformers, or, if the checkpoint ships its own modeling code (auto_map), set model.trust_remote_code=true"
+    )
 
 
 def check_generation_config(path: Path, model_cls: type[PreTrainedModel]) -> None:
@@ -244,6 +258,11 @@ def available_memory() -> dict[str, int]:
 def resolve_dtype(name: str, checkpoint: Checkpoint, config: PreTrainedConfig) -> torch.dtype:
     """`dtype=` as from_pretrained reads it ('auto': config.json's dtype, else the weights')."""
     files = [str(s) for s in checkpoint.shards]
+    if name == "auto" and not files and getattr(config, "dtype", None) is None:
+        raise CheckpointError(
+            f"{checkpoint.path / 'config.json'}: dtype=auto reads torch_dtype (or dtype) from config.json, which has "
+            "none, and there are no weights here to read it from; set dtype=bf16 (or fp16, fp32)"
+        )
     _, dtype = _get_dtype(name, files, config, checkpoint.sharded_metadata, None, True, None)
     return dtype
 
@@ -299,15 +318,39 @@ def build_skeleton(
                 model=model,
                 dtype=dtype,
                 device_map=device_map_request,
-                checkpoint_files=[str(s) for s in checkpoint.shards],
+                checkpoint_files=[str(s) for s in checkpoint.shards] or None,  # None: a plan from config.json alone
                 use_kernels=False,
             )
     return model, facts
 
 
+@contextmanager
+def _quiet_about_absent_devices() -> Iterator[None]:
+    """accelerate warns 'Device N is not available' for each GPU a budget names that this host lacks: a plan for
+    other hardware names them on purpose (the manifest records them as hypothetical)."""
+    import logging
+
+    class Absent(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "is not available, available devices are" not in record.getMessage()
+
+    logger, absent = logging.getLogger("accelerate.utils.modeling"), Absent()
+    logger.addFilter(absent)
+    try:
+        yield
+    finally:
+        logger.removeFilter(absent)
+
+
 def infer_device_map(model: PreTrainedModel, strategy: str, max_memory: dict | None, quantizer) -> dict:
     """`_get_device_map` without its closing quantizer check, so that the caller can first name the
-    modules that did not fit; the caller runs `quantizer.validate_environment(device_map=...)`."""
+    modules that did not fit; the caller runs `quantizer.validate_environment(device_map=...)`. GPUs the budgets
+    name need not be here: accelerate places modules by the budgets alone."""
+    with _quiet_about_absent_devices():
+        return _infer_device_map(model, strategy, max_memory, quantizer)
+
+
+def _infer_device_map(model: PreTrainedModel, strategy: str, max_memory: dict | None, quantizer) -> dict:
     no_split = model._no_split_modules
     if strategy == "sequential":
         budget = get_max_memory(max_memory)

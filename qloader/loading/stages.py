@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from qloader.checkpoint import integrity
 from qloader.checkpoint import writer as checkpoint_writer
 from qloader.checkpoint.reader import default_hash_cache, inspect_checkpoint
-from qloader.checkpoint.sources import checkpoint_folder, hub_origin
+from qloader.checkpoint.sources import checkpoint_folder, from_hub, hub_origin, hub_plan_folder
 from qloader.core.errors import CheckpointError, CheckpointMismatchError, DeviceMapError, LoadError
 from qloader.core.names import STAGE_NAMES, dtype_name
 from qloader.loading import cache_use, checks, devices
@@ -48,7 +48,8 @@ def _resolve_model(ctx: LoadContext) -> LoadContext:
     from qloader.loading import hf_loading
 
     check_backend(ctx.cfg.quant)
-    checkpoint = _inspect(ctx.cfg.model, hash_files=ctx.cfg.mode != "plan")
+    planning = ctx.cfg.mode == "plan"  # a plan hashes nothing, and needs no more than config.json
+    checkpoint = _inspect(ctx.cfg.model, hash_files=not planning, partial=planning)
     hf_config = hf_loading.read_config(checkpoint.path, ctx.cfg.model.trust_remote_code)
     checks.check_model_size(hf_config, checkpoint, ctx.cfg.device_map)  # before anything the size costs is built
     choice = hf_loading.model_class(hf_config, ctx.cfg.model.task, ctx.cfg.model.trust_remote_code)
@@ -68,16 +69,25 @@ def _resolve_model(ctx: LoadContext) -> LoadContext:
     )
 
 
-def _inspect(model: DictConfig, hash_files: bool):
-    """The checkpoint the `model` source gives, its headers and hashes read; custom code refused unless trusted."""
+def _inspect(model: DictConfig, hash_files: bool, partial: bool = False):
+    """The checkpoint the `model` source gives, its headers and hashes read; custom code refused unless trusted.
+    `partial` (mode=plan): config.json alone, or some of the shards, is enough."""
+    if partial and from_hub(model):  # a plan reads the hub's config.json and headers, no weight
+        folder, headers_only = hub_plan_folder(model.repo_id, model.get("revision"))
+    else:
+        folder, headers_only = checkpoint_folder(model), False
     checkpoint = inspect_checkpoint(
-        checkpoint_folder(model),
+        folder,
         hashes=default_hash_cache(trust=not model.get("verify_hashes", False)),
         hash_files=hash_files,
         allow_pickle=model.allow_pickle,
+        partial=partial,
     )
     if (hub := hub_origin(model, checkpoint.path)) is not None:
         checkpoint = dataclasses.replace(checkpoint, hub=hub)
+    if headers_only:  # the shards here are the hub's headers, with no data; the folder is named after the commit
+        contents = "headers" if checkpoint.shards else checkpoint.contents
+        checkpoint = dataclasses.replace(checkpoint, hub={**hub, "commit": folder.name}, contents=contents)
     integrity.check_remote_code(checkpoint.path / "config.json", trusted=model.trust_remote_code)
     return checkpoint
 
@@ -92,13 +102,16 @@ def validate(ctx: LoadContext) -> LoadContext:
     """Devices, library versions, pinned hashes and memory, checked before any shard is read."""
     from qloader.measure import environment
 
-    cuda_devices = checks.check_cuda_request(ctx.cfg.device_map)
+    hypothetical = checks.hypothetical_gpus(ctx.cfg.device_map) if ctx.cfg.mode == "plan" else []
+    cuda_devices = checks.check_cuda_request(ctx.cfg.device_map, hypothetical)
     request = devices.device_map_request(ctx.cfg.device_map)
-    lifecycle.check_host(ctx.quantization, cuda_devices)
+    lifecycle.check_host(ctx.quantization, cuda_devices)  # a method's own GPU check asks this host's GPUs
     environment.check_versions(None if ctx.method is None else ctx.method.versions)
     lifecycle.validate_quantizer(ctx.quantization, ctx.quantizer, devices.quantizer_request(request))
     checks.check_pinned_hashes(ctx.cfg.model.get("expected_sha256") or {}, ctx.checkpoint)
-    return ctx.next(environment=environment.check_memory(ctx.weights_checkpoint))
+    return ctx.next(
+        environment=environment.check_memory(ctx.weights_checkpoint), hypothetical_devices=tuple(hypothetical)
+    )
 
 
 def device_map(ctx: LoadContext) -> LoadContext:
@@ -109,6 +122,7 @@ def device_map(ctx: LoadContext) -> LoadContext:
     request = hf_loading.normalize_device_map(devices.device_map_request(ctx.cfg.device_map))
     request = lifecycle.update_device_map(ctx.quantizer, request)
     offload_folder = devices.offload_folder(ctx.cfg.device_map, ctx.checkpoint.path)
+    planning = ctx.cfg.mode == "plan"  # a plan records what a load would refuse, and goes on
     if isinstance(request, dict):
         _refuse_disk_offload(ctx, request, request)
         devices.check_disk(request, offload_folder, f"device_map.modules {request}")
@@ -129,15 +143,27 @@ def device_map(ctx: LoadContext) -> LoadContext:
         ctx.model_choice.cls, ctx.hf_config, ctx.dtype, ctx.quantizer, request, ctx.weights_checkpoint
     )
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
-    final = hf_loading.infer_device_map(sizing, request, max_memory, ctx.quantizer)
-    if (on_disk := devices.on_disk(final)) and offload_folder is None:
-        need = estimate(sizing, {"": "cpu"}, 0, None, ctx.method, ctx.quantizer).footprint_bytes
-        refusal = lifecycle.disk_offload_refusal(ctx.quantization, request)
-        raise DeviceMapError(devices.does_not_fit(need, request, max_memory, on_disk, refusal))
-    _refuse_disk_offload(ctx, request, final, sizing)
-    lifecycle.validate_device_map(ctx.quantizer, request, final, ctx.quantization)
+    final = hf_loading.infer_device_map(sizing, request, dict(max_memory or {}) or None, ctx.quantizer)  # a copy:
+    # accelerate converts the sizes in place, and the messages below show them as the user wrote them
+    refusals = []
+    try:
+        if (on_disk := devices.on_disk(final)) and offload_folder is None:
+            need = estimate(sizing, {"": "cpu"}, 0, None, ctx.method, ctx.quantizer).footprint_bytes
+            refusal = lifecycle.disk_offload_refusal(ctx.quantization, request)
+            raise DeviceMapError(devices.does_not_fit(need, request, max_memory, on_disk, refusal))
+        _refuse_disk_offload(ctx, request, final, sizing)
+        lifecycle.validate_device_map(ctx.quantizer, request, final, ctx.quantization)
+    except DeviceMapError as e:
+        if not planning:
+            raise
+        refusals.append(str(e))
     return ctx.next(
-        device_map_request=request, device_map=final, offload_folder=offload_folder, model=sizing, source=source
+        device_map_request=request,
+        device_map=final,
+        offload_folder=offload_folder,
+        model=sizing,
+        source=source,
+        refusals=tuple(refusals),
     )
 
 
@@ -157,7 +183,7 @@ def preprocess(ctx: LoadContext) -> LoadContext:
     """The model skeleton on the meta device, with the method's module swaps, checked against the checkpoint's
     headers; the plan (the bytes per device); a warning for quantized modules this host cannot run."""
     from qloader.loading import hf_loading
-    from qloader.measure.plan import estimate
+    from qloader.measure.plan import estimate, refusal
 
     model, source = ctx.model, ctx.source  # `device_map` built it to size the model, from the same arguments
     if model is None:
@@ -176,14 +202,27 @@ def preprocess(ctx: LoadContext) -> LoadContext:
     created = set() if ctx.method is None or ctx.pre_quantized else ctx.method.created_keys(model)
     try:
         integrity.check_tensors_fit_model(
-            model, checkpoint.shapes, load_config.weight_mapping, ctx.quantizer, checkpoint.path, created, source.shapes
+            model,
+            checkpoint.shapes,
+            load_config.weight_mapping,
+            ctx.quantizer,
+            checkpoint.path,
+            created,
+            source.shapes,
+            partial=checkpoint.contents != "checkpoint",
         )
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(_with_task_hint(str(e), ctx)) from e
     max_memory = devices.max_memory_request(ctx.cfg.device_map)
     plan = estimate(
         model, ctx.device_map, checkpoint.largest_shard_bytes, max_memory, ctx.method, ctx.quantizer, source
+    ).with_refusals(list(ctx.refusals), offload=ctx.offload_folder is not None)
+    plan = dataclasses.replace(plan, hypothetical_devices=list(ctx.hypothetical_devices))
+    plan = plan.with_inference(
+        model, ctx.hf_config.get_text_config(), ctx.dtype, ctx.cfg.plan.batch_size, ctx.cfg.plan.seq_len
     )
+    if ctx.cfg.mode != "plan" and (why := refusal(plan)) is not None:
+        raise DeviceMapError(why)
     if ctx.cfg.save.enabled and ctx.cfg.mode != "plan":
         checkpoint_writer.check_save_space(ctx.cfg.save, plan.footprint_bytes)
     unmatched = _logged(lifecycle.unmatched_module_names(ctx.quantization, model))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import nn
 
+from qloader.measure.placement import device_of, execution_device
 from qloader.quant.base import QuantMethod
 
 
@@ -41,6 +42,40 @@ class Plan:
     """inventory.KeptGroup: module groups owning weights that the method leaves unquantized, and why."""
     parameters: int | None = None
     """Logical parameter count (tied weights once)."""
+    hypothetical_devices: list[str] = field(default_factory=list)
+    """mode=plan: devices of the plan that this host does not have (GPUs named only by their max_memory budget)."""
+    inference: dict | None = None
+    """kv_cache.InferenceRoom as a dict: the KV cache at plan.batch_size x plan.seq_len per device, whether it fits
+    beside the model, the longest context that does; None for a model without a KV cache qloader sizes."""
+    advice: list[dict] | None = None
+    """mode=plan, when it does not fit: the quant options whose plans fit the same budgets (quant, footprint_bytes,
+    devices), from the same planner; None when not asked (it fits, or a load)."""
+    refusals: list[str] = field(default_factory=list)
+    """mode=plan: why a load of this plan would be refused before reading a weight (a load raises instead)."""
+
+    def room(self) -> dict[str, int]:
+        """Per budgeted device: its budget less the model's share there (negative when short)."""
+        return {d: b - (self.devices[d].total_bytes if d in self.devices else 0) for d, b in self.budgets.items()}
+
+    def with_inference(self, model: nn.Module, text_config: Any, dtype: Any, batch: int, seq_len: int | None) -> Plan:
+        """The plan with the KV cache room at batch x seq_len, the layers' caches where their layers run."""
+        from qloader.measure.kv_cache import inference_room, layer_caches
+
+        caches = layer_caches(model, text_config, self.device_map, dtype)
+        if caches is None:
+            return self
+        limit = getattr(text_config, "max_position_embeddings", None)
+        room = inference_room(caches, self.room(), batch, seq_len, dtype, limit).as_dict()
+        if room["fits"] is not None:
+            room["fits"] = room["fits"] and self.fits
+        return replace(self, inference=room)
+
+    def with_refusals(self, refusals: list[str], offload: bool) -> Plan:
+        """The plan with what a load would refuse; without an offload folder, disk is a budget of 0 bytes."""
+        budgets, sources = dict(self.budgets), dict(self.budget_sources)
+        if not offload and "disk" in self.devices:
+            budgets["disk"], sources["disk"] = 0, "no offload_folder"
+        return replace(self, refusals=refusals, budgets=budgets, budget_sources=sources)
 
     @property
     def compression(self) -> float | None:
@@ -59,7 +94,8 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return not self.shortfall_bytes
+        """Every device's share within its budget, and nothing a load would refuse."""
+        return not self.shortfall_bytes and not self.refusals
 
     def as_dict(self) -> dict:
         devices = {d: {**asdict(e), "total_bytes": e.total_bytes} for d, e in self.devices.items()}
@@ -76,19 +112,37 @@ class Plan:
             "unquantized_bytes": self.unquantized_bytes,
             "compression": self.compression,
             "kept": [group.as_dict() for group in self.kept],
+            "refusals": self.refusals,
+            "hypothetical_devices": self.hypothetical_devices,
+            "inference": self.inference,
+            "advice": self.advice,
         }
 
 
-def device_of(name: str, device_map: dict) -> str:
-    """The device of a module: the longest device_map prefix that owns it."""
-    best = max((p for p in device_map if p == "" or name == p or name.startswith(p + ".")), key=len, default="")
-    return str(device_map.get(best, "cpu"))
+def budget_setting(device: str) -> str:
+    """The setting a user writes for a device's budget: `device_map.max_memory.cpu`, `device_map.max_memory.0`."""
+    return f"device_map.max_memory.{device}"
 
 
-def execution_device(device_map: dict) -> str:
-    """Where modules offloaded to disk run, as accelerate's `dispatch_model` picks it: the first device of the map
-    that is neither 'cpu' nor 'disk', else 'cpu'."""
-    return next((str(d) for d in device_map.values() if str(d) not in ("cpu", "disk")), "cpu")
+def refusal(plan: Plan) -> str | None:
+    """Why a load of this plan is refused before any weight is read (one line: the shortfall per budget set with
+    max_memory, and the fix); None when every max_memory budget holds its device's share. Budgets measured from
+    the memory available now are not refused on: that figure moves while the host runs."""
+    short = {d: n for d, n in plan.shortfall_bytes.items() if plan.budget_sources.get(d) == "max_memory"}
+    if not short:
+        return None
+    from qloader.core.units import mib
+
+    where = "; ".join(
+        f"{d} needs {mib(plan.devices[d].total_bytes)} and {budget_setting(d)} allows {mib(plan.budgets[d])} "
+        f"(short by {n:,} B)"
+        for d, n in short.items()
+    )
+    raise_to = ", ".join(f"{budget_setting(d)}={plan.devices[d].total_bytes}" for d in short)
+    return (
+        f"the plan does not fit device_map.max_memory: {where}; raise it ({raise_to} at least), choose a method "
+        "that stores less, or run mode=plan to see where each module lands"
+    )
 
 
 def budgets_in_bytes(max_memory: dict | None) -> dict[str, int]:
@@ -163,8 +217,9 @@ def estimate(
             placed = device_of(module_name, device_map)
             where = execution_device(device_map) if placed == "disk" else placed
             devices.setdefault(where, DeviceEstimate()).buffer_bytes += buffers
-    footprint = sum(e.total_bytes for e in devices.values())
     placement = {module: str(device) for module, device in device_map.items()}
+    devices = _in_placement_order(devices, set(placement.values()))
+    footprint = sum(e.total_bytes for e in devices.values())
     budgets, sources = _budgets(max_memory, devices)
     kept = kept_groups(model, lambda name, module: name in quantized, method, quantizer, tied)
     return Plan(
@@ -180,32 +235,61 @@ def estimate(
     )
 
 
+COMPUTED_FROM = {
+    "checkpoint": "config.json and every shard's header",
+    "headers": "config.json and the headers of the shards here (a partial download)",
+    "config-only": "config.json alone (no weights here)",
+}
+"""How the plan's `computed_from` reads in `qloader mode=plan`."""
+
+
+def _in_placement_order(devices: dict[str, DeviceEstimate], placed: set[str]) -> dict[str, DeviceEstimate]:
+    """GPUs by index, then cpu, then disk, as accelerate fills them; a device that holds nothing and that the map
+    does not name (the model's root module, on no device of its own) is left out."""
+    kept = {d: e for d, e in devices.items() if d in placed or e.total_bytes}
+    order = {"cpu": 1 << 20, "disk": 1 << 21}
+    return dict(
+        sorted(kept.items(), key=lambda item: int(item[0]) if item[0].isdigit() else order.get(item[0], 1 << 19))
+    )
+
+
 def render(plan: dict) -> str:
     """The plan as printed by `qloader mode=plan`, from the manifest's `plan` section."""
     from qloader.core.units import mib
 
-    lines = [f"qloader plan: device_map {plan['device_map']}", ""]
-    titles = [("device", 8), ("quantized", 14), ("quant state", 14), ("unquantized", 14), ("buffers", 12)]
+    lines = [f"qloader plan: device_map {_short_map(plan['device_map'])}", ""]
+    titles = [("device", 10), ("quantized", 14), ("quant state", 14), ("unquantized", 14), ("buffers", 12)]
     titles += [("total", 14), ("budget", 14)]
     lines.append("  " + "".join(f"{t:<{w}}" if t == "device" else f"{t:>{w}}" for t, w in titles))
+    hypothetical = set(plan.get("hypothetical_devices") or [])
     for device, e in plan["devices"].items():
         budget = mib(plan["budgets"][device]) if device in plan["budgets"] else "-"
+        name = (f"cuda:{device}" if device.isdigit() else device) + ("*" if device in hypothetical else "")
         lines.append(
-            f"  {device:<8}{mib(e['quantized_bytes']):>14}{mib(e['quant_state_bytes']):>14}"
+            f"  {name:<10}{mib(e['quantized_bytes']):>14}{mib(e['quant_state_bytes']):>14}"
             f"{mib(e['unquantized_bytes']):>14}{mib(e['buffer_bytes']):>12}{mib(e['total_bytes']):>14}{budget:>14}"
         )
+    if hypothetical:
+        lines.append("  * not on this host: planned from its device_map.max_memory budget")
+    for device in ("cpu", "disk"):
+        if device in plan["devices"] and (
+            spilled := [m or "(the whole model)" for m, d in plan["device_map"].items() if d == device]
+        ):
+            more = f" … {len(spilled) - 6} more" if len(spilled) > 6 else ""
+            lines.append(f"  on {device}: {', '.join(spilled[:6])}{more} ({len(spilled)} module(s))")
     sources = plan.get("budget_sources") or {}
-    short = ", ".join(
-        f"{d} by {mib(n)}" + (" (available memory; no max_memory set)" if sources.get(d) == "available" else "")
-        for d, n in plan["shortfall_bytes"].items()
-    )
-    label = "fits max_memory" if all(v == "max_memory" for v in sources.values()) else "fits memory"
+    notes = {"available": " (available memory; no max_memory set)", "no offload_folder": " (no offload_folder)"}
+    short = ", ".join(f"{d} by {mib(n)}{notes.get(sources.get(d), '')}" for d, n in plan["shortfall_bytes"].items())
+    label = "fits max_memory" if all(v != "available" for v in sources.values()) else "fits memory"
     lines += [""]
     if plan.get("class"):
         lines.append(f"  model                     {plan['class']} (task {plan.get('task') or '-'})")
+    source = plan.get("computed_from")
+    shard = "footprint + largest shard" if source != "config-only" else "footprint; no shard here to add"
     lines += [
+        f"  computed from             {COMPUTED_FROM.get(source, source)}",
         f"  estimated footprint       {mib(plan['footprint_bytes'])}",
-        f"  estimated peak (loading)  {mib(plan['peak_load_bytes'])}  (footprint + largest shard)",
+        f"  estimated peak (loading)  {mib(plan['peak_load_bytes'])}  ({shard})",
     ]
     if plan.get("compression"):
         lines.append(
@@ -214,8 +298,33 @@ def render(plan: dict) -> str:
     for group in plan.get("kept") or []:
         lines.append(f"  kept unquantized          {describe_kept(group, plan.get('parameters'))}")
     measured = " (available memory; no max_memory set)" if "available" in sources.values() else ""
-    lines.append(f"  {label:<26}{'yes' + measured if plan['fits'] else 'does not fit: short on ' + short}")
+    verdict = "yes" + measured if plan["fits"] else "does not fit" + (": short on " + short if short else "")
+    lines.append(f"  {label:<26}{verdict}")
+    lines += [f"  a load is refused:        {line}" for line in plan.get("refusals") or []]
+    if plan.get("advice") is not None:
+        fit = ", ".join(
+            f"quant={row['quant']} ({mib(row['footprint_bytes'])}"
+            + (f", {row['fewest_gpus']} GPU(s)" if row.get("fewest_gpus") else "")
+            + ")"
+            for row in plan["advice"]
+        )
+        lines.append(f"  would fit instead         {fit or 'no registered method fits these budgets'}")
+    if plan.get("inference"):
+        from qloader.measure.kv_cache import describe
+
+        lines.append(f"  inference                 {describe(plan['inference'])}")
     return "\n".join(lines)
+
+
+def _short_map(device_map: dict) -> str:
+    """The device map as printed: whole, when short; else how many modules land on each device."""
+    text = str(device_map)
+    if len(text) <= 100:
+        return text
+    counts: dict[str, int] = {}
+    for device in device_map.values():
+        counts[device] = counts.get(device, 0) + 1
+    return ", ".join(f"{n} module(s) on {f'cuda:{d}' if d.isdigit() else d}" for d, n in counts.items())
 
 
 def describe_kept(group: dict, total: int | None = None) -> str:

@@ -176,7 +176,9 @@ def _model_section(ctx) -> dict | None:
 def _plan_section(ctx) -> dict:
     choice = ctx.model_choice
     model_class = None if choice is None else choice.cls.__name__
-    return {"class": model_class, **model_choice_section(choice), **ctx.plan.as_dict()}
+    computed_from = None if ctx.checkpoint is None else ctx.checkpoint.contents
+    section = {"class": model_class, **model_choice_section(choice), **ctx.plan.as_dict()}
+    return {**section, "computed_from": computed_from}
 
 
 class RunManifest:

@@ -135,6 +135,8 @@ def run(
                             manifest.add_stage(stats)  # filled in on exit, also when the stage failed
                     if current == WEIGHTS_FINAL_AFTER and ctx.model is not None:
                         watch = ForwardWatch(ctx.model)  # the weights as loaded, before the probe's forward
+            if cfg.mode == "plan" and cfg.plan.advice and ctx.plan is not None and not ctx.plan.fits:
+                ctx = ctx.next(plan=_with_advice(ctx.plan, overrides, (choices or {}).get("quant"), ctx.pre_quantized))
             if before_success is not None:
                 before_success()
             stages_done = True
@@ -148,3 +150,13 @@ def run(
             if ctx.save_lock is not None:  # save.dir's lock, taken in `resolve`: held until the record is final
                 ctx.save_lock.release()
     return LoadResult(ctx.model, record, Path(run_dir), ctx.checkpoint.path, cfg, ctx.quantization_config, _watch=watch)
+
+
+def _with_advice(plan: Any, overrides: list[str], quant: str | None, pre_quantized: bool) -> Any:
+    """A plan that does not fit, with the methods whose plans fit the same budgets (none for a pre-quantized
+    checkpoint: it loads as saved)."""
+    import dataclasses
+
+    from qloader.runs.advice import methods_that_fit
+
+    return dataclasses.replace(plan, advice=methods_that_fit(overrides, quant) if not pre_quantized else [])

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from qloader.quant.base import QuantConfig, QuantMethod, register_method
+from qloader.quant.base import QuantConfig, QuantMethod, WeightBytes, register_method
 
 # Attributes transformers lets a request change on a pre-quantized checkpoint (`get_loading_attributes`).
 LOADING_ATTRIBUTES = {"dequantize": False, "use_optimized_inference": False}
@@ -132,8 +132,19 @@ class CompressedTensors(QuantMethod):
         fmt = getattr(scheme, "format", None)
         return f"{type(module).__name__}({getattr(fmt, 'value', fmt) or 'quantized'})"
 
-    # planned_bytes: None. The skeleton already holds the stored tensors (`weight_packed` int32, scales,
-    # `weight_shape`), so counting its parameters as they are is exact.
+    def planned_bytes(self, quantizer: Any, model: Any, name: str, module: Any, param: Any) -> WeightBytes | None:
+        """The skeleton already holds the stored tensors (`weight_packed` int32, scales, `weight_shape`): their bytes
+        as they are, the packed weight as quantized data and the rest as quant state."""
+        module_name, _, tensor = name.rpartition(".")
+        if getattr(module, "quantization_scheme", None) is None or not quantizer.pre_quantized:
+            return None  # a dense skeleton (decompressed on load) is counted as it is
+        scheme, fmt = self._scheme(quantizer, module_name, module)
+        if scheme is None or fmt in (None, "dense"):
+            return None
+        stored = param.numel() * param.element_size()
+        if tensor == "weight_packed" or (tensor == "weight" and not param.dtype.is_floating_point):
+            return WeightBytes(stored, 0)
+        return WeightBytes(0, stored) if tensor in self.quant_state_names(quantizer, module_name, module) else None
 
     # ---------------------------------------------------------------- the loaded model
 

@@ -114,8 +114,8 @@ class Torchao(QuantMethod):
         return f"{type(module).__name__}({type(weight).__name__})"
 
     def planned_bytes(self, quantizer: Any, model: Any, name: str, module: Any, param: Any) -> WeightBytes | None:
-        if quantizer.pre_quantized or not quantizer.param_needs_quantization(model, name):
-            return None
+        if not quantizer.param_needs_quantization(model, name):  # pre-quantized too: torchao swaps no module,
+            return None  # the checkpoint's quantized tensor takes the Linear weight's place
         rows, cols = param.shape[0], math.prod(param.shape[1:])
         config = quantizer.quantization_config.quant_type
         kind = type(config).__name__

@@ -1,0 +1,132 @@
+"""Will it fit? Plans of public model configs (config.json alone, no weights) on GPUs this host need not have.
+
+    python benchmarks/plan_table.py              # every model x method x device set
+    python benchmarks/plan_table.py --models Llama-3.1-70B --methods bnb-nf4,bnb-int8
+
+Each plan is `qloader mode=plan model=local model.path=tests/data/configs/<model>` with `quant=<method>` and
+`device_map.max_memory.N=SIZE` for each GPU of the device set (and no CPU budget: what does not fit the GPUs
+lands on disk, which qloader refuses without `device_map.offload_folder`). The plans run in this process; one
+70B plan runs again as a whole process, timed from spawn to exit. Columns: fits (`plan.fits`), GPUs used (GPUs
+holding any of the model), spill (bytes that land on cpu or disk), and the longest context that fits beside
+the model at batch 1 (`plan.inference.max_tokens`, KV cache in the model's dtype).
+Results: benchmarks/results/plan_table.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "tests" / "data" / "configs"
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = ("Llama-3.1-8B", "Llama-3.1-70B", "Mixtral-8x7B-v0.1", "Qwen2.5-72B", "gemma-3-27b-text")
+METHODS = ("none", "bnb-nf4", "bnb-int8", "torchao-int8wo")
+DEVICE_SETS = {"1x24GiB": ["24GiB"], "1x80GiB": ["80GiB"], "2x80GiB": ["80GiB", "80GiB"]}
+TIMED = ("Llama-3.1-70B", "bnb-nf4", "1x80GiB")
+"""The plan also run as a whole process: `qloader ... mode=plan` from spawn to exit (target: at most 10 s)."""
+
+
+def overrides(model: str, method: str, gpus: list[str]) -> list[str]:
+    budgets = [f"device_map.max_memory.{index}={size}" for index, size in enumerate(gpus)]
+    return [
+        "model=local",
+        f"model.path={CONFIGS / model}",
+        f"quant={method}",
+        "mode=plan",
+        "plan.advice=false",
+        *budgets,
+    ]
+
+
+def plan_row(model: str, method: str, devices: str, run_dir: Path) -> dict:
+    import qloader
+
+    start = time.perf_counter()
+    plan = qloader.load(overrides(model, method, DEVICE_SETS[devices]), run_dir=run_dir).manifest["plan"]
+    seconds = time.perf_counter() - start
+    gpus = [d for d, e in plan["devices"].items() if d.isdigit() and e["total_bytes"]]
+    spill = sum(e["total_bytes"] for d, e in plan["devices"].items() if d in ("cpu", "disk"))
+    inference = plan.get("inference") or {}
+    return {
+        "model": model,
+        "method": method,
+        "devices": devices,
+        "fits": plan["fits"],
+        "gpus_used": len(gpus),
+        "footprint_bytes": plan["footprint_bytes"],
+        "spill_bytes": spill,
+        "max_tokens": inference.get("max_tokens") if plan["fits"] else 0,
+        "context_limit": inference.get("context_limit"),
+        "kv_bytes_per_token": inference.get("kv_bytes_per_token"),
+        "parameters": plan["parameters"],
+        "computed_from": plan["computed_from"],
+        "seconds_in_process": round(seconds, 2),
+    }
+
+
+def whole_process_seconds(model: str, method: str, devices: str, run_dir: Path) -> float:
+    command = [sys.executable, "-m", "qloader", *overrides(model, method, DEVICE_SETS[devices])]
+    start = time.perf_counter()
+    done = subprocess.run([*command, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    if done.returncode not in (0, 3):
+        raise RuntimeError(done.stderr)
+    return round(seconds, 2)
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def markdown(rows: list[dict], timed: float) -> str:
+    lines = [
+        "# Will it fit? Plans from config.json alone",
+        "",
+        "`python benchmarks/plan_table.py`: `qloader mode=plan model=local model.path=tests/data/configs/<model> "
+        "quant=<method> device_map.max_memory.0=80GiB ...` (no CPU budget: what the GPUs cannot hold lands on disk). "
+        "Footprint: the model as loaded; spill: bytes on cpu or disk; max context: tokens per sequence at batch 1 "
+        "whose KV cache (bf16) fits beside the model, at most the model's max_position_embeddings.",
+        "",
+        "| model | method | devices | fits | GPUs used | footprint | spill | max context |",
+        "|---|---|---|---|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        context = f"{row['max_tokens']:,}" if row["fits"] else "-"
+        if row["fits"] and row["context_limit"] and row["max_tokens"] > row["context_limit"]:
+            context = f"{row['context_limit']:,} (model limit; memory: {row['max_tokens']:,})"
+        lines.append(
+            f"| {row['model']} | {row['method']} | {row['devices']} | {'yes' if row['fits'] else 'no'} | "
+            f"{row['gpus_used']} | {gib(row['footprint_bytes'])} | {gib(row['spill_bytes'])} | {context} |"
+        )
+    model, method, devices = TIMED
+    lines += ["", f"Whole process, {model} {method} on {devices}: {timed} s (spawn to exit, this host)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models.split(","):
+            for method in args.methods.split(","):
+                for devices in DEVICE_SETS:
+                    rows.append(plan_row(model, method, devices, Path(tmp) / f"{model}-{method}-{devices}"))
+                    print(json.dumps(rows[-1]), flush=True)
+        timed = whole_process_seconds(*TIMED, Path(tmp) / "timed")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "plan_table.json").write_text(json.dumps({"rows": rows, "whole_process_seconds": timed}, indent=2))
+    (RESULTS / "plan_table.md").write_text(markdown(rows, timed))
+    print(markdown(rows, timed))
+
+
+if __name__ == "__main__":
+    main()
