@@ -70,6 +70,26 @@ def plan_row(model: str, method: str, devices: str, run_dir: Path) -> dict:
     }
 
 
+ACCELERATE_DIVISOR = {"none": ("float16", 2), "bnb-nf4": ("int4", 8), "bnb-int8": ("int8", 4),
+                      "torchao-int8wo": ("int8", 4)}  # fmt: skip
+"""The row of `accelerate estimate-memory` a method's footprint compares with, and its divisor of the float32 size."""
+
+
+def accelerate_float32_bytes(model: str) -> int:
+    """What `accelerate estimate-memory` starts from: the model built empty in float32 from its config (as its
+    `create_empty_model` does), sized by accelerate's `calculate_maximum_sizes`; it then divides by 2 (float16),
+    4 (int8) or 8 (int4), whatever a method keeps unquantized."""
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.utils import calculate_maximum_sizes
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(CONFIGS / model)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return calculate_maximum_sizes(empty)[0]
+
+
 def whole_process_seconds(model: str, method: str, devices: str, run_dir: Path) -> float:
     command = [sys.executable, "-m", "qloader", *overrides(model, method, DEVICE_SETS[devices])]
     start = time.perf_counter()
@@ -84,6 +104,15 @@ def gib(n: int) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
+def accelerate_cell(row: dict) -> str:
+    """`accelerate estimate-memory`'s total for the method's dtype row, and how far it is from the plan."""
+    if row.get("accelerate_bytes") is None:
+        return "-"
+    dtype, _ = ACCELERATE_DIVISOR[row["method"]]
+    off = row["accelerate_bytes"] / row["footprint_bytes"] - 1
+    return f"{gib(row['accelerate_bytes'])} ({dtype}; {off:+.0%})"
+
+
 def markdown(rows: list[dict], timed: float) -> str:
     lines = [
         "# Will it fit? Plans from config.json alone",
@@ -91,10 +120,14 @@ def markdown(rows: list[dict], timed: float) -> str:
         "`python benchmarks/plan_table.py`: `qloader mode=plan model=local model.path=tests/data/configs/<model> "
         "quant=<method> device_map.max_memory.0=80GiB ...` (no CPU budget: what the GPUs cannot hold lands on disk). "
         "Footprint: the model as loaded; spill: bytes on cpu or disk; max context: tokens per sequence at batch 1 "
-        "whose KV cache (bf16) fits beside the model, at most the model's max_position_embeddings.",
+        "whose KV cache (bf16) fits beside the model, at most the model's max_position_embeddings. "
+        "accelerate estimate-memory: its total for the same config (float32 size from an empty model, divided by 2 "
+        "for float16, 4 for int8, 8 for int4) and how far it is from the plan's footprint: it divides the kept "
+        "layers (embeddings, lm_head, norms) and the quantization state too, which the plan counts as loaded.",
         "",
-        "| model | method | devices | fits | GPUs used | footprint | spill | max context |",
-        "|---|---|---|---|---|---:|---:|---:|",
+        "| model | method | devices | fits | GPUs used | footprint | spill | max context "
+        "| accelerate estimate-memory |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for row in rows:
         context = f"{row['max_tokens']:,}" if row["fits"] else "-"
@@ -102,7 +135,8 @@ def markdown(rows: list[dict], timed: float) -> str:
             context = f"{row['context_limit']:,} (model limit; memory: {row['max_tokens']:,})"
         lines.append(
             f"| {row['model']} | {row['method']} | {row['devices']} | {'yes' if row['fits'] else 'no'} | "
-            f"{row['gpus_used']} | {gib(row['footprint_bytes'])} | {gib(row['spill_bytes'])} | {context} |"
+            f"{row['gpus_used']} | {gib(row['footprint_bytes'])} | {gib(row['spill_bytes'])} | {context} | "
+            f"{accelerate_cell(row)} |"
         )
     model, method, devices = TIMED
     lines += ["", f"Whole process, {model} {method} on {devices}: {timed} s (spawn to exit, this host)."]
@@ -117,9 +151,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
+            float32 = accelerate_float32_bytes(model)
             for method in args.methods.split(","):
                 for devices in DEVICE_SETS:
                     rows.append(plan_row(model, method, devices, Path(tmp) / f"{model}-{method}-{devices}"))
+                    divisor = ACCELERATE_DIVISOR.get(method, (None, None))[1]
+                    rows[-1]["accelerate_bytes"] = float32 // divisor if divisor else None
                     print(json.dumps(rows[-1]), flush=True)
         timed = whole_process_seconds(*TIMED, Path(tmp) / "timed")
     RESULTS.mkdir(exist_ok=True)
