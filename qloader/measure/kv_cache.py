@@ -1,4 +1,5 @@
-"""Room for inference: the KV cache a decoder needs per token, on the devices its layers land on."""
+"""Room for inference: the KV cache a decoder needs per token, on the devices its layers land on, and an estimate
+of the activations of one prefill pass on the device that runs it."""
 
 from __future__ import annotations
 
@@ -29,6 +30,29 @@ class LayerCache:
 
 
 @dataclass(frozen=True)
+class Activations:
+    """An estimate of the activations one prefill of batch x tokens holds at its peak, on the execution device:
+    the layers run one at a time, each holding its input and residual hidden states and its MLP's gate, up and
+    product (4 x hidden + 3 x intermediate values per token, in the compute dtype; attention through SDPA holds
+    no tokens x tokens scores), and the logits of the last token only, in float32, as `generate` computes them."""
+
+    device: str
+    bytes_per_token: int
+    fixed_bytes: int
+    """Per sequence: the last token's logits (vocab x 4 bytes)."""
+
+    def bytes(self, batch: int, tokens: int) -> int:
+        return batch * (tokens * self.bytes_per_token + self.fixed_bytes)
+
+
+def activations(text_config: Any, device_map: dict, dtype: Any) -> Activations:
+    hidden = text_config.hidden_size
+    intermediate = getattr(text_config, "intermediate_size", None) or 4 * hidden
+    vocab = getattr(text_config, "vocab_size", 0) or 0
+    return Activations(execution_device(device_map), (4 * hidden + 3 * intermediate) * dtype.itemsize, 4 * vocab)
+
+
+@dataclass(frozen=True)
 class InferenceRoom:
     batch_size: int
     seq_len: int | None
@@ -42,6 +66,9 @@ class InferenceRoom:
     """The longest context (tokens per sequence, at batch_size) whose KV cache fits beside the model."""
     kv_bytes_per_token: int
     """KV cache per token of one sequence, over all layers (sliding-window layers count while under their window)."""
+    activation_bytes: dict[str, int] | None = None
+    """The estimated prefill activations at batch_size x seq_len, on the execution device (`Activations`); they
+    count in `fits` and `max_tokens` beside the KV cache."""
     context_limit: int | None = None
     """The model's own longest context (config.json max_position_embeddings), whatever the memory holds."""
 
@@ -88,6 +115,13 @@ def _cache_by_device(caches: list[LayerCache], batch: int, tokens: int) -> dict[
     return found
 
 
+def _needed(caches: list[LayerCache], acts: Activations | None, batch: int, tokens: int) -> dict[str, int]:
+    found = _cache_by_device(caches, batch, tokens)
+    if acts is not None:
+        found[acts.device] = found.get(acts.device, 0) + acts.bytes(batch, tokens)
+    return found
+
+
 def inference_room(
     caches: list[LayerCache],
     room: dict[str, int],
@@ -95,11 +129,12 @@ def inference_room(
     seq_len: int | None,
     dtype: Any,
     context_limit: int | None = None,
+    acts: Activations | None = None,
 ) -> InferenceRoom:
     """`room`: per device, its budget less the model's share there (a device without a budget is unbounded)."""
 
     def fits(tokens: int) -> bool:
-        return all(size <= room.get(d, math.inf) for d, size in _cache_by_device(caches, batch, tokens).items())
+        return all(size <= room.get(d, math.inf) for d, size in _needed(caches, acts, batch, tokens).items())
 
     low, high = 0, MAX_TOKENS
     while low < high:  # the largest token count that fits; the cache grows with the tokens
@@ -114,6 +149,7 @@ def inference_room(
         fits=None if seq_len is None else all(n >= 0 for n in room.values()) and fits(seq_len),
         max_tokens=low if all(n >= 0 for n in room.values()) else 0,
         kv_bytes_per_token=sum(cache.bytes_per_token for cache in caches),
+        activation_bytes={acts.device: acts.bytes(batch, seq_len)} if acts is not None and seq_len else None,
         context_limit=context_limit,
     )
 
@@ -132,5 +168,7 @@ def describe(inference: dict) -> str:
     if seq is None:
         return longest
     cache = f"KV cache {mib(sum(inference['kv_cache_bytes'].values()))} {inference['cache_dtype']}"
+    if inference.get("activation_bytes"):
+        cache += f", activations about {mib(sum(inference['activation_bytes'].values()))}"
     verdict = "fits" if inference["fits"] else "does not fit"
     return f"{verdict} for inference at {batch} x {seq:,} ({cache}); {longest}"

@@ -58,14 +58,16 @@ class Plan:
         return {d: b - (self.devices[d].total_bytes if d in self.devices else 0) for d, b in self.budgets.items()}
 
     def with_inference(self, model: nn.Module, text_config: Any, dtype: Any, batch: int, seq_len: int | None) -> Plan:
-        """The plan with the KV cache room at batch x seq_len, the layers' caches where their layers run."""
-        from qloader.measure.kv_cache import inference_room, layer_caches
+        """The plan with the room for inference at batch x seq_len: the layers' KV caches where their layers run,
+        and the prefill's activations on the execution device."""
+        from qloader.measure.kv_cache import activations, inference_room, layer_caches
 
         caches = layer_caches(model, text_config, self.device_map, dtype)
         if caches is None:
             return self
         limit = getattr(text_config, "max_position_embeddings", None)
-        room = inference_room(caches, self.room(), batch, seq_len, dtype, limit).as_dict()
+        acts = activations(text_config, self.device_map, dtype)
+        room = inference_room(caches, self.room(), batch, seq_len, dtype, limit, acts).as_dict()
         if room["fits"] is not None:
             room["fits"] = room["fits"] and self.fits
         return replace(self, inference=room)
