@@ -142,6 +142,12 @@ def test_plan_within_one_percent_and_fingerprint_stable(loaded, awq_checkpoint, 
     plan = qloader.load(local(awq_checkpoint, "dtype=bf16", "mode=plan"), run_dir=tmp_path / "plan")
     planned, measured = plan.manifest["plan"]["footprint_bytes"], loaded.manifest["model"]["footprint_bytes"]
     assert abs(planned - measured) / measured <= 0.01, (planned, measured)
+    config_only = tmp_path / "config-only"  # the same plan from config.json alone, its quantization_config included
+    config_only.mkdir()
+    shutil.copy(awq_checkpoint / "config.json", config_only / "config.json")
+    alone = qloader.load(local(config_only, "dtype=bf16", "mode=plan"), run_dir=tmp_path / "alone").manifest["plan"]
+    assert alone["computed_from"] == "config-only"
+    assert alone["footprint_bytes"] == planned and alone["devices"] == plan.manifest["plan"]["devices"]
     again = qloader.load(local(awq_checkpoint, "dtype=bf16"), run_dir=tmp_path / "again")
     assert again.manifest["weights_fingerprint"] == loaded.manifest["weights_fingerprint"]
 

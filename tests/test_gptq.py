@@ -161,9 +161,16 @@ def test_save_and_reload_both_ways(saved, tmp_path) -> None:
     assert_same_weights(again.model, theirs)
     assert_same_weights(again.model, before.model)
     assert_same_logits(again.model, theirs)
-    plan = qloader.load([*local(target), "mode=plan"], run_dir=tmp_path / "plan").manifest["plan"]["footprint_bytes"]
+    plan = qloader.load([*local(target), "mode=plan"], run_dir=tmp_path / "plan").manifest["plan"]
     measured = again.manifest["model"]["footprint_bytes"]
-    assert abs(plan - measured) / measured <= 0.01, (plan, measured)
+    assert abs(plan["footprint_bytes"] - measured) / measured <= 0.01, (plan["footprint_bytes"], measured)
+    # the same plan from config.json alone (its quantization_config included), before a byte of weights is here
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(target / "config.json", config_only / "config.json")
+    alone = qloader.load([*local(config_only), "mode=plan"], run_dir=tmp_path / "alone").manifest["plan"]
+    assert alone["computed_from"] == "config-only" and plan["computed_from"] == "checkpoint"
+    assert alone["footprint_bytes"] == plan["footprint_bytes"] and alone["devices"] == plan["devices"]
 
 
 @pytest.mark.parametrize("suffix", ["qzeros", "scales"])
