@@ -272,7 +272,7 @@ def test_speed_beside_size_and_quality_with_the_unquantized_job_as_reference(tmp
     assert not any("+experiment" in label for label in shown["bar_labels"] + shown["failed"] + shown["note"])
     assert shown["bar_labels"][:2] == ["#0 quant=none", "#1 quant=bnb-nf4"]
     speed = shown["speed"]
-    assert speed["metric"] == "relative_decode_speed" and speed["reference"] == 1.0
+    assert speed["metric"] == "relative_decode_speed" and speed["reference"] == 1.0 and speed["scale"] == "log"
     assert speed["points"] == [("none", 256.0, 1.0), ("bnb nf4", 104.3, 0.65), ("torchao int8wo", 156.0, 1.5)]
     assert shown["time_scale"] == "log"  # 620 s beside 2 s: both readable
     assert [p[0] for p in shown["points"]] == ["none", "bnb nf4", "torchao int8wo", "gptq 4-bit"]

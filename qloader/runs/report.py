@@ -443,7 +443,7 @@ def _label_quality_panel(ax, rows: list[dict], points: list[tuple[str, float, fl
 
 # Speed figures a sweep may carry, best first: (column, axis label, reference value or None).
 SPEED = [
-    ("relative_decode_speed", "decode tokens/s relative to unquantized (higher is faster)", 1.0),
+    ("relative_decode_speed", "decode tokens/s relative to unquantized, log scale (higher is faster)", 1.0),
     ("decode_tok_s", "decode tokens/s (higher is faster)", None),
     ("prefill_tok_s", "prefill tokens/s (higher is faster)", None),
 ]
@@ -489,9 +489,17 @@ def _speed_panel(ax, speed: dict) -> None:
     else:
         xs, ys = [x for _, x, _ in points], [y for _, _, y in points] + [speed["reference"] or points[0][2]]
         x_pad = 0.15 * (max(xs) - min(xs)) or 0.15 * max(xs)
-        y_pad = 0.15 * (max(ys) - min(ys)) or 0.15 * max(ys)
         ax.set_xlim(max(0.0, min(xs) - x_pad), max(xs) + x_pad)
-        ax.set_ylim(max(0.0, min(ys) - y_pad), max(ys) + y_pad)
+        if speed["reference"] is not None:  # ratios: half as fast and twice as fast lie as far from 1.0x
+            from matplotlib.ticker import FuncFormatter
+
+            ax.set_yscale("log", base=2)
+            ax.set_ylim(min(ys) / 1.4, max(ys) * 1.4)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+        else:
+            y_pad = 0.15 * (max(ys) - min(ys)) or 0.15 * max(ys)
+            ax.set_ylim(max(0.0, min(ys) - y_pad), max(ys) + y_pad)
+    speed["scale"] = ax.get_yscale()
     handles.append(Line2D([], [], linestyle="", label="↖ better: smaller and faster"))
     ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.0), ncols=2, fontsize=9, frameon=False)
 
