@@ -12,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from families import FAMILIES, mixtral_8x7b_shapes, write_checkpoint, write_shape_only_checkpoint
@@ -26,6 +27,8 @@ from oracle import (
 
 import qloader
 from qloader.core.errors import CheckpointError, CheckpointMismatchError, ConfigError, DeviceMapError, ProbeError
+from qloader.runs.manifest import manifest_schema
+from qloader.runs.summary import render
 
 GiB = 2**30
 
@@ -212,8 +215,10 @@ def test_probe_refuses_a_task_it_cannot_score_before_loading(checkpoint, tmp_pat
 )
 def test_probe_per_task(name: str, max_tokens: int, checkpoint, tmp_path) -> None:
     """Unquantized: full agreement with its own reference (computed in a fresh process); nf4: close to it."""
-    probe = ["probe=quick", f"probe.max_tokens={max_tokens}", "probe.max_new_tokens=4"]
-    none = load(checkpoint(name), tmp_path / "none", "quant=none", *probe).manifest["probe"]
+    probe = ["probe=quick", f"probe.max_tokens={max_tokens}", "probe.max_new_tokens=4", "probe.decode_tokens=6"]
+    unquantized = load(checkpoint(name), tmp_path / "none", "quant=none", *probe).manifest
+    jsonschema.validate(unquantized, manifest_schema())
+    none = unquantized["probe"]
     nf4_settings = ["quant=bnb-nf4"]
     theirs = transformers_load(checkpoint(name), MODES["nf4"][1], auto_class=FAMILIES[name].auto_class)
     if refused := sorted(cpu_forward_refusals(theirs)):  # AVX512-BF16 CPUs: the classifier's 3 rows; refused first
@@ -236,6 +241,19 @@ def test_probe_per_task(name: str, max_tokens: int, checkpoint, tmp_path) -> Non
         assert none["sample"]["output"] in {"LABEL_0", "LABEL_1", "LABEL_2"}
     else:
         assert none["perplexity"] == none["reference_perplexity"] and nf4["perplexity"] > 1
+    for speed in (none["speed"], nf4["speed"]):  # the generation's speed, after the sample as warm-up
+        assert speed["prompt_tokens"] > 0 and speed["prefill_tokens_per_s"] > 0 and speed["device"] == "cpu"
+        assert speed["peak_anon_bytes"] is None or speed["peak_anon_bytes"] > 0
+        if task == "sequence-classification":  # a forward, nothing generated
+            assert speed["new_tokens"] is speed["decode_tokens_per_s"] is speed["decode_s"] is None
+            assert speed["decode"].startswith("not applicable")
+        else:  # exactly probe.decode_tokens, EOS suppressed
+            assert speed["new_tokens"] == 6 and speed["decode_tokens_per_s"] > 0 and speed["decode_s"] > 0
+    printed = render(unquantized)
+    assert f"prefill {none['speed']['prefill_tokens_per_s']} tok/s" in printed
+    assert "  generating     peak anon" in printed and "load stage peak anon" in printed
+    decode = "decode not applicable" if task == "sequence-classification" else "tok/s (6 new tokens, greedy)"
+    assert decode in printed
 
 
 @pytest.fixture

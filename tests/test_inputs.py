@@ -86,6 +86,16 @@ def test_validate_finite_takes_booleans_and_auto_only(tmp_path) -> None:
     ]
 
 
+def test_probe_decode_tokens_below_two_is_refused(tmp_path) -> None:
+    """Decoding speed needs a token after the prefill's; off, the probe's fields are not checked."""
+    result = run_cli_in_process("model=tiny-llama", "probe=quick", "probe.decode_tokens=1", run_dir=tmp_path)
+    assert error_lines(result.stderr) == [
+        "qloader: error: ConfigError: probe.decode_tokens 1 is below 2: the first new token comes from the prompt's"
+        " forward (prefill), so decoding speed needs at least 2"
+    ]
+    assert compose(["probe=quick"]).probe.decode_tokens == 32
+
+
 def test_model_local_without_path_is_one_line(tmp_path) -> None:
     """It was a 25-line MissingMandatoryValue traceback from the model source's instantiate."""
     result = run_cli_in_process("model=local", run_dir=tmp_path)

@@ -55,8 +55,15 @@ def manifest(
     }
 
 
-def probe(top1: float | None, ppl: float | None = 12.0) -> dict:
-    return {"perplexity": ppl, "reference_perplexity": 11.5, "top1_agreement": top1, "mean_kl": 0.01}
+def probe(top1: float | None, ppl: float | None = 12.0, decode: float | None = None) -> dict:
+    """The probe's figures; `decode` tokens/s: its timed generation too (else a manifest from before it)."""
+    figures = {"perplexity": ppl, "reference_perplexity": 11.5, "top1_agreement": top1, "mean_kl": 0.01}
+    if decode is not None:
+        figures["speed"] = {
+            "prompt_tokens": 36, "prefill_tokens_per_s": 10 * decode, "new_tokens": 32, "decode_tokens_per_s": decode,
+            "peak_anon_bytes": 400 * MiB, "peak_anon_exact": decode != 13.0,
+        }  # fmt: skip
+    return figures
 
 
 def make_sweep(sweep_dir: Path, manifests: list[dict | list[str]]) -> Path:
@@ -128,20 +135,20 @@ def test_summary_files_have_one_row_per_job_and_no_private_keys(tmp_path, drawn)
     assert len(drawn) == 1
 
 
-def test_plot_shows_quality_against_footprint_and_the_failed_job(tmp_path, drawn) -> None:
+def test_plot_shows_quality_against_footprint_and_the_failed_job(tmp_path, drawn, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a sweep under the working directory: its folder in the title, relative
     sweep_dir = quant_sweep(tmp_path / "multirun" / "2026-11-25" / "10-00-00")
     write_summary(sweep_dir)
     (shown,) = drawn
-    assert shown["title"].startswith("qloader sweep: smollm2-135m — ")
-    assert shown["title"].endswith(str(Path("multirun") / "2026-11-25" / "10-00-00"))
+    # every job's `model=smollm2-135m` is the model the title names: said once, on no label
+    assert shown["title"] == f"qloader sweep: smollm2-135m — {Path('multirun') / '2026-11-25' / '10-00-00'}"
     assert shown["metric"] == "top1_agreement" and shown["higher_is_better"]
     assert "top-1 agreement" in shown["ylabel"] and "higher is better" in shown["ylabel"]
     assert "footprint, MiB" in shown["xlabel"]
     assert shown["points"] == [("none", 256.0, 1.0), ("bnb nf4 (double quant)", 104.3, 0.91), ("bnb int8", 160.8, 0.97)]
-    assert shown["failed"] == ["#3 model=smollm2-135m quant=bnb-fp4 (failed: CheckpointError)"]
-    assert shown["note"] == [
-        "#3 model=smollm2-135m quant=bnb-fp4: failed — CheckpointError: model.path '/nope' is not a directory"
-    ]
+    assert shown["failed"] == ["#3 quant=bnb-fp4 (failed: CheckpointError)"]
+    assert shown["note"] == ["#3 quant=bnb-fp4: failed — CheckpointError: model.path '/nope' is not a directory"]
+    assert shown["bar_labels"][0] == "#0 quant=none" and shown["bar_labels"][3] == "#3 quant=bnb-fp4 ✗ failed"
 
 
 def test_plot_falls_back_to_perplexity_then_to_load_time(tmp_path) -> None:
@@ -222,7 +229,59 @@ def test_title_names_every_model(tmp_path) -> None:
         "tiny-llama-55a7a78bcf35",
     ]
     title = sweep_title(rows, sweep_dir)
-    assert title == f"qloader sweep: smollm2-135m, local (my-llama), tiny-llama-55a7a78bcf35 — {sweep_dir}"
+    # the sweep ran in a folder outside the working directory (a temporary one): the title does not print it
+    assert title == "qloader sweep: smollm2-135m, local (my-llama), tiny-llama-55a7a78bcf35"
+
+
+def method_sweep(sweep_dir: Path) -> Path:
+    """`+experiment=method-sweep` as it ends here: the unquantized reference, two methods with speed figures, a
+    calibrating method's 620 s postprocess (a manifest from before the speed figures), and gptq failed in resolve."""
+    common = ["+experiment=method-sweep"]
+    gptq = manifest(["quant=gptq-4bit", *common], "gptq 4-bit", 109.2, probe(0.74, 50.7))
+    gptq["stages"].append(stage("postprocess", 620.0))
+    return make_sweep(
+        sweep_dir,
+        [
+            manifest(["quant=none", *common], "none", 256.0, probe(1.0, 11.5, decode=20.0)),
+            manifest(["quant=bnb-nf4", *common], "bnb nf4", 104.3, probe(0.72, 12.4, decode=13.0)),
+            manifest(["quant=torchao-int8wo", *common], "torchao int8wo", 156.0, probe(0.95, 11.7, decode=30.0)),
+            gptq,
+            manifest(["quant=gptq-4bit", "quant.bits=3", *common], None, None, status="failed",
+                     error=("MissingDependencyError", "pip install 'qloader[gptq]'")),
+        ],
+    )  # fmt: skip
+
+
+def test_speed_beside_size_and_quality_with_the_unquantized_job_as_reference(tmp_path, drawn) -> None:
+    sweep_dir = method_sweep(tmp_path / "ms")
+    rows = write_summary(sweep_dir)
+    with (sweep_dir / "summary.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["relative_decode_speed"] for r in table] == ["1.0", "0.65", "1.5", "", ""]  # decode / none's decode
+    assert [r["decode_tok_s"] for r in table[:3]] == ["20.0", "13.0", "30.0"]
+    assert [r["prefill_tok_s"] for r in table[:3]] == ["200.0", "130.0", "300.0"]
+    assert table[0]["generate_peak_anon_mib"] == "400.0" and table[3]["generate_peak_anon_mib"] == ""
+    assert rows[0]["relative_decode_speed"] == 1.0 and rows[0]["compression"] == 1.0
+    markdown = (sweep_dir / "summary.md").read_text()
+    assert "| decode tok/s | decode vs none | generate peak anon MiB |" in markdown
+    assert "| 20.0 | 1.0x | 400.0 |" in markdown and "| 13.0 | 0.65x | ≥ 400.0 |" in markdown  # starved sampler
+
+    (shown,) = drawn
+    assert shown["title"] == "qloader sweep: smollm2-135m; every job +experiment=method-sweep"
+    assert str(tmp_path) not in shown["title"]
+    assert not any("+experiment" in label for label in shown["bar_labels"] + shown["failed"] + shown["note"])
+    assert shown["bar_labels"][:2] == ["#0 quant=none", "#1 quant=bnb-nf4"]
+    speed = shown["speed"]
+    assert speed["metric"] == "relative_decode_speed" and speed["reference"] == 1.0 and speed["scale"] == "log"
+    assert speed["points"] == [("none", 256.0, 1.0), ("bnb nf4", 104.3, 0.65), ("torchao int8wo", 156.0, 1.5)]
+    assert shown["time_scale"] == "log"  # 620 s beside 2 s: both readable
+    assert [p[0] for p in shown["points"]] == ["none", "bnb nf4", "torchao int8wo", "gptq 4-bit"]
+    assert (sweep_dir / "summary.png").read_bytes()[:8] == PNG
+
+
+def test_speed_panel_without_timings_says_how_to_get_them(tmp_path) -> None:
+    shown = plot(collect(quant_sweep(tmp_path / "sweep")), tmp_path / "summary.png")
+    assert shown["speed"]["points"] == [] and "run it with probe=quick" in shown["speed"]["ylabel"]
 
 
 def test_report_imports_neither_torch_nor_transformers() -> None:

@@ -135,6 +135,10 @@ class ProbeConfig:
     """Tokens of the shipped English text to score."""
     prompt: str = "What is the capital of France?"
     max_new_tokens: int = 16
+    """New tokens of the greedy sample, whose generation is also the warm-up before the timed one."""
+    decode_tokens: int = 32
+    """New tokens of the timed greedy generation (EOS suppressed, so every run makes exactly this many): prefill
+    and decode tokens/s and the peak memory while generating. At least 2 (the first comes from the prefill)."""
 
 
 @dataclass
@@ -278,6 +282,12 @@ def check_choices(cfg: DictConfig) -> list[str]:
             problems.append(f"cache.quantized '{quantized}' is not one of true, false, auto")
         if (why := size_problem(cache.max_bytes)) is not None:
             problems.append(f"cache.max_bytes {cache.max_bytes!r}: {why}")
+    probe = cfg.get("probe")
+    if probe is not None and probe.enabled and probe.decode_tokens < 2:
+        problems.append(
+            f"probe.decode_tokens {probe.decode_tokens} is below 2: the first new token comes from the prompt's"
+            " forward (prefill), so decoding speed needs at least 2"
+        )
     return problems
 
 

@@ -366,14 +366,18 @@ def save(ctx: LoadContext) -> LoadContext:
 
 
 def probe(ctx: LoadContext) -> LoadContext:
-    """Optional, last: fidelity of the loaded model (perplexity, agreement and KL vs unquantized, a sample)."""
+    """Optional, last: fidelity of the loaded model (perplexity, agreement and KL vs unquantized, a sample) and its
+    generation speed, with the peak memory while generating measured around it from here."""
     from qloader.core.units import mib
     from qloader.measure.inventory import footprint_bytes
+    from qloader.measure.memory import peak_window
     from qloader.probe.fidelity import run_probe
 
     # on a cache hit the input checkpoint is not pre-quantized: the probe compares with it as on a miss
     pre_quantized = ctx.pre_quantized and not ctx.cache_hit
-    result = run_probe(ctx.model, ctx.checkpoint, ctx.dtype, pre_quantized, ctx.cfg.probe, ctx.model_choice)
+    result = run_probe(
+        ctx.model, ctx.checkpoint, ctx.dtype, pre_quantized, ctx.cfg.probe, ctx.model_choice, memory_window=peak_window
+    )
     # The probe's forward pass may change what the weights occupy (compressed-tensors decompresses the
     # whole model on its first forward): record the storage really held after it.
     after = footprint_bytes(ctx.model, ctx.method)

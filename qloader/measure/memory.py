@@ -133,6 +133,14 @@ class PeakSampler:
         except (OSError, ValueError):
             return None, None
 
+    def close(self) -> None:
+        """End the helper process (it exits when its stdin closes)."""
+        try:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            self._proc.kill()
+
 
 @dataclass
 class StageStats:
@@ -206,3 +214,23 @@ def measure_stage(name: str) -> Iterator[StageStats]:
                 stats.anon_peak_exact = gap <= EXACT_GAP_S
         stats.rss_peak_bytes = _read_status("VmHWM")["VmHWM"] if hwm_reset else None
         stats.cuda = _cuda_peaks()
+
+
+@contextmanager
+def peak_window() -> Iterator[dict]:
+    """The peak anonymous RSS of the enclosed block (a sampler of its own, so the enclosing stage's window stays
+    whole) and, with CUDA, the peak allocated bytes since the enclosing stage began (summed over devices); the
+    dict is filled in on exit. For a measurement inside a stage, such as generation in the probe."""
+    figures: dict = {"peak_anon_bytes": None, "peak_anon_exact": None, "cuda_peak_allocated_bytes": None}
+    sampler = PeakSampler() if _read_status("RssAnon")["RssAnon"] is not None else None
+    if sampler is not None:
+        sampler.peak()  # opens the window
+    try:
+        yield figures
+    finally:
+        if sampler is not None:
+            figures["peak_anon_bytes"], gap = sampler.window()
+            figures["peak_anon_exact"] = None if gap is None else gap <= EXACT_GAP_S
+            sampler.close()
+        if cuda := _cuda_peaks():
+            figures["cuda_peak_allocated_bytes"] = sum(d["peak_allocated_bytes"] for d in cuda.values())

@@ -2,7 +2,8 @@
 
 On a short English text that ships with qloader: perplexity, and top-1 agreement and mean KL
 divergence of the next-token distribution against the same checkpoint loaded unquantized in the
-same dtype. Also a greedy sample for a fixed prompt. The reference log-probs are computed once,
+same dtype. Also a greedy sample for a fixed prompt, and generation speed on it (prefill and decode tokens/s, and
+the peak memory while generating). The reference log-probs are computed once,
 in a separate process, and cached by the checkpoint's input hashes, the dtype and the inputs.
 Per task: a causal LM scores the next token; a seq2seq LM reads the text and, teacher-forced,
 predicts it token by token in its decoder; a sequence classifier labels each chunk of the text
@@ -177,7 +178,8 @@ def input_device(model) -> torch.device:
     return model.device
 
 
-def _sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+def _prompt_inputs(model, tokenizer, prompt: str) -> dict:
+    """The prompt as the model reads it (through the chat template when the tokenizer has one), on its device."""
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": prompt}]
         inputs = tokenizer.apply_chat_template(
@@ -185,11 +187,106 @@ def _sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
         )
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
-    inputs = {k: v.to(input_device(model)) for k, v in inputs.items()}
+    return {k: v.to(input_device(model)) for k, v in inputs.items()}
+
+
+def _new_tokens(model, inputs: dict, out: torch.Tensor) -> torch.Tensor:
+    """The generated tokens: a decoder-only model's output repeats the prompt, a seq2seq one starts with the
+    decoder's start token."""
+    return out[0, 1:] if model.config.is_encoder_decoder else out[0, inputs["input_ids"].shape[1] :]
+
+
+def _sample(model, tokenizer, inputs: dict, max_new_tokens: int) -> str:
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    start = 0 if model.config.is_encoder_decoder else inputs["input_ids"].shape[1]  # a decoder's output is new text
-    return tokenizer.decode(out[0, start:], skip_special_tokens=True).strip()
+    return tokenizer.decode(_new_tokens(model, inputs, out), skip_special_tokens=True).strip()
+
+
+def _rate(tokens: int, seconds: float) -> float | None:
+    return round(tokens / seconds, 2) if seconds > 0 else None
+
+
+def _generation_speed(model, inputs: dict, new_tokens: int) -> dict:
+    """One timed greedy `generate` of exactly `new_tokens` tokens (EOS suppressed). A logits processor stamps the
+    time of each step: the first stamp ends the prompt's forward (prefill), the rest is decoding."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+
+    class StepClock(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if scores.is_cuda:  # the step's kernels have run when the clock reads
+                torch.cuda.synchronize(scores.device)
+            stamps.append(time.perf_counter())
+            return scores
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([StepClock()]),
+        )
+    end = time.perf_counter()
+    made = len(_new_tokens(model, inputs, out))
+    prompt_tokens = inputs["input_ids"].shape[1]
+    prefill_s, decode_s = stamps[0] - start, end - stamps[0]
+    return {
+        "prompt_tokens": prompt_tokens,
+        "prefill_s": round(prefill_s, 4),
+        "prefill_tokens_per_s": _rate(prompt_tokens, prefill_s),
+        "new_tokens": made,
+        "decode_s": round(decode_s, 4),
+        "decode_tokens_per_s": _rate(made - 1, decode_s),  # the first new token came from the prefill
+        "decode": "greedy, EOS suppressed; tokens after the first, over the time after the prefill",
+    }
+
+
+def _forward_speed(model, inputs: dict) -> dict:
+    """A classifier reads the prompt in one forward and generates nothing: prefill only."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(**inputs)
+    prefill_s = time.perf_counter() - start
+    prompt_tokens = inputs["input_ids"].shape[1]
+    return {
+        "prompt_tokens": prompt_tokens,
+        "prefill_s": round(prefill_s, 4),
+        "prefill_tokens_per_s": _rate(prompt_tokens, prefill_s),
+        "new_tokens": None,
+        "decode_s": None,
+        "decode_tokens_per_s": None,
+        "decode": "not applicable: a sequence classifier generates no tokens",
+    }
+
+
+@contextmanager
+def _unmeasured() -> Iterator[dict]:
+    yield {}
+
+
+def _sample_and_speed(model, tokenizer, task: str, cfg, memory_window) -> tuple[str, dict]:
+    """The greedy sample (also the warm-up: bitsandbytes repacks, kernels compile on a first forward), then the
+    timed run, both inside `memory_window` (the peak memory while generating)."""
+    with memory_window() as memory:
+        if task == "sequence-classification":
+            inputs = {k: v.to(input_device(model)) for k, v in tokenizer(cfg.prompt, return_tensors="pt").items()}
+            sample = _label_sample(model, inputs)
+            speed = _forward_speed(model, inputs)
+        else:
+            inputs = _prompt_inputs(model, tokenizer, cfg.prompt)
+            sample = _sample(model, tokenizer, inputs, cfg.max_new_tokens)
+            speed = _generation_speed(model, inputs, cfg.decode_tokens)
+    speed.update(
+        device=str(input_device(model)),
+        warmup="the sample's " + ("forward" if task == "sequence-classification" else "generation"),
+        peak_anon_bytes=memory.get("peak_anon_bytes"),
+        peak_anon_exact=memory.get("peak_anon_exact"),
+        cuda_peak_allocated_bytes=memory.get("cuda_peak_allocated_bytes"),
+    )
+    return sample, speed
 
 
 def _perplexity(log_probs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -219,20 +316,27 @@ def _rows(log_probs: torch.Tensor, task: str) -> torch.Tensor:
     return log_probs if task == "sequence-classification" else log_probs[0]
 
 
-def _label_sample(model, tokenizer, prompt: str) -> str:
-    inputs = {k: v.to(input_device(model)) for k, v in tokenizer(prompt, return_tensors="pt").items()}
+def _label_sample(model, inputs: dict) -> str:
     with torch.no_grad():
         label = int(model(**inputs).logits[0].argmax())
     return str(model.config.id2label.get(label, label))
 
 
-def run_probe(model, checkpoint: Checkpoint, dtype: torch.dtype, pre_quantized: bool, cfg, choice=None) -> dict:
-    """Perplexity (token tasks), agreement and KL against the unquantized model, and a sample, for the task of
-    `choice` (hf_loading.ModelChoice; None: causal-lm). Classification: agreement of the predicted labels and
-    KL of the label distributions over the chunks of the text."""
+def run_probe(
+    model, checkpoint: Checkpoint, dtype: torch.dtype, pre_quantized: bool, cfg, choice=None, memory_window=None
+) -> dict:
+    """Perplexity (token tasks), agreement and KL against the unquantized model, a sample and generation speed,
+    for the task of `choice` (hf_loading.ModelChoice; None: causal-lm). Classification: agreement of the predicted
+    labels and KL of the label distributions over the chunks of the text, and forward speed only.
+    `memory_window`: a context manager yielding a dict it fills with peak memory on exit (measure.memory's
+    `peak_window`), around the generation; the generation runs first, so a CUDA peak since the stage began is its.
+    """
     task = "causal-lm" if choice is None else choice.task
     auto_class = "AutoModelForCausalLM" if choice is None else choice.auto_class
     tokenizer = _tokenizer(checkpoint)
+    timed = "a forward" if task == "sequence-classification" else f"{cfg.decode_tokens} new tokens"
+    with step(f"greedy sample for {cfg.prompt!r}, then speed ({timed})"):
+        sample, speed = _sample_and_speed(model, tokenizer, task, cfg, memory_window or _unmeasured)
     inputs, targets = _probe_inputs(model, tokenizer, task, cfg.max_tokens)
     scoring = f"scoring {inputs['input_ids'].numel()} tokens of the shipped text ({PROBED_TASKS[task]})"
     with step(scoring), torch.no_grad():
@@ -240,11 +344,6 @@ def run_probe(model, checkpoint: Checkpoint, dtype: torch.dtype, pre_quantized: 
         shape = tuple(logits.shape)  # the reference's too: the same model class on the same inputs
         log_probs = _rows(torch.log_softmax(logits.float(), dim=-1).cpu(), task)
         del logits
-    with step(f"greedy sample for {cfg.prompt!r}"):
-        if task == "sequence-classification":
-            sample = _label_sample(model, tokenizer, cfg.prompt)
-        else:
-            sample = _sample(model, tokenizer, cfg.prompt, cfg.max_new_tokens)
     mask = inputs.get("attention_mask")
     result = {
         "task": task,
@@ -257,6 +356,7 @@ def run_probe(model, checkpoint: Checkpoint, dtype: torch.dtype, pre_quantized: 
         "reference_cached": None,
         "compared_with": "a pre-quantized checkpoint has no unquantized weights (perplexity and sample only)",
         "sample": {"prompt": cfg.prompt, "output": sample},
+        "speed": speed,
     }
     if pre_quantized:
         return result

@@ -35,6 +35,10 @@ COLUMNS = [
     "reference_perplexity",
     "top1_agreement",
     "mean_kl",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "relative_decode_speed",
+    "generate_peak_anon_mib",
     "error",
 ]
 
@@ -111,6 +115,11 @@ def _manifest_row(row: dict, m: dict) -> dict:
     probe = m.get("probe") or {}
     for key in ("perplexity", "reference_perplexity", "top1_agreement", "mean_kl"):
         row[key] = probe.get(key)
+    speed = probe.get("speed") or {}  # the probe's timed generation; manifests before it have none
+    row["prefill_tok_s"] = speed.get("prefill_tokens_per_s")
+    row["decode_tok_s"] = speed.get("decode_tokens_per_s")
+    row["generate_peak_anon_mib"] = _mib(speed.get("peak_anon_bytes"))
+    row["_generate_peak_exact"] = speed.get("peak_anon_exact")
     for stage in m["stages"]:
         if stage["name"] == "load" and stage["anon_peak_bytes"] is not None:
             row["load_stage_s"] = stage["wall_s"]
@@ -143,17 +152,17 @@ def _model_name(m: dict) -> str | None:
     return detail or (options.get("_target_") or "").rsplit(".", 1)[-1] or None
 
 
-def _add_compression(rows: list[dict]) -> None:
-    """footprint of the unquantized (`none`) job with the same checkpoint and dtype / this footprint, in bytes as
-    the manifests record them (the MiB columns are rounded: 1.35x from them where the bytes give 1.33x)."""
-    baseline = {
-        r["_baseline_key"]: r.get("_footprint_bytes")
-        for r in rows
-        if r["quantization"] == "none" and r.get("_footprint_bytes")
-    }
+def _add_relative_to_unquantized(rows: list[dict]) -> None:
+    """Against the unquantized (`none`) job with the same checkpoint and dtype: `compression` is its footprint /
+    this footprint, in bytes as the manifests record them (the MiB columns are rounded: 1.35x from them where the
+    bytes give 1.33x); `relative_decode_speed` is this decode tokens/s / its decode tokens/s (above 1: faster)."""
+    reference = {r["_baseline_key"]: r for r in rows if r["quantization"] == "none"}
     for r in rows:
-        base, own = baseline.get(r.pop("_baseline_key", None)), r.get("_footprint_bytes")
-        r["compression"] = round(base / own, 2) if base and own else None
+        base = reference.get(r.pop("_baseline_key", None)) or {}
+        footprint, own = base.get("_footprint_bytes"), r.get("_footprint_bytes")
+        r["compression"] = round(footprint / own, 2) if footprint and own else None
+        decode, own = base.get("decode_tok_s"), r.get("decode_tok_s")
+        r["relative_decode_speed"] = round(own / decode, 2) if decode and own else None
 
 
 def job_dirs(sweep_dir: Path) -> set[Path]:
@@ -185,7 +194,7 @@ def collect(sweep_dir: Path) -> list[dict]:
     its own row instead of that run's."""
     refused = _refused_rows(sweep_dir)
     rows = [refused.pop(d.name, None) or _row(d) for d in job_dirs(sweep_dir)] + list(refused.values())
-    _add_compression(rows)
+    _add_relative_to_unquantized(rows)
     return sorted(rows, key=lambda r: (str(type(r["job"])), r["job"]))
 
 
@@ -205,15 +214,21 @@ def markdown(rows: list[dict]) -> str:
         ("perplexity", "ppl"),
         ("top1_agreement", "top-1 agree"),
         ("mean_kl", "mean KL"),
+        ("prefill_tok_s", "prefill tok/s"),
+        ("decode_tok_s", "decode tok/s"),
+        ("relative_decode_speed", "decode vs none"),
+        ("generate_peak_anon_mib", "generate peak anon MiB"),
         ("error", "error"),
     ]
 
     def cell(key: str, value, row: dict) -> str:
         if value is None:
             return ""
-        text = f"{value}x" if key == "compression" else str(value)
+        text = f"{value}x" if key in ("compression", "relative_decode_speed") else str(value)
         if key in ("load_anon_growth_mib", "peak_anon_mib_load") and row.get("load_anon_peak_exact") is False:
             text = f"≥ {text}"  # the sampler was starved during the stage: the true peak may be higher
+        if key == "generate_peak_anon_mib" and row.get("_generate_peak_exact") is False:
+            text = f"≥ {text}"
         return text.replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(title for _, title in cols) + " |", "|" + "---|" * len(cols)]
@@ -270,15 +285,28 @@ def _point_labels(rows: list[dict]) -> list[str]:
     return labels
 
 
+def common_overrides(rows: list[dict]) -> list[str]:
+    """The overrides every job of a sweep of several has (`+experiment=method-sweep`): said once, in the title,
+    rather than on every label."""
+    if len(rows) < 2:
+        return []
+    each = [(r["overrides"] or "").split() for r in rows]
+    return [token for token in each[0] if all(token in tokens for tokens in each[1:])]
+
+
 def sweep_title(rows: list[dict], sweep_dir: Path) -> str:
-    """`qloader sweep: smollm2-135m — multirun/2026-11-25/10-00-00`."""
+    """`qloader sweep: smollm2-135m; every job +experiment=method-sweep — multirun/2026-11-25/10-00-00`: the sweep
+    dir only where it lies under the working directory (a temporary or absolute folder says nothing to a reader)."""
     models = list(dict.fromkeys(r["_model"] for r in rows if r.get("_model")))
     named = ", ".join(models[:3]) + (f" +{len(models) - 3} more" if len(models) > 3 else "") or "unknown model"
+    said = {f"model={m.split(' (')[0]}" for m in models}  # `model=smollm2-135m`: the model is named already
+    if common := [token for token in common_overrides(rows) if token not in said]:
+        named += f"; every job {_shorten(' '.join(common), 60)}"
     try:
         where = sweep_dir.resolve().relative_to(Path.cwd().resolve())
     except ValueError:
-        where = sweep_dir
-    return f"qloader sweep: {named} — {where}"
+        return f"qloader sweep: {named}"
+    return f"qloader sweep: {named} — {where}" if str(where) != "." else f"qloader sweep: {named}"
 
 
 def _overlap(a, b) -> float:
@@ -366,7 +394,9 @@ def _quality_panel(ax, rows: list[dict], drawn: dict) -> None:
     below, above = (band + 0.12) * total, 0.12 * total
     ax.set_ylim(*((y_lo - below, y_hi + above) if higher else (y_lo - above, y_hi + below)))
 
-    ax.scatter([x for _, x, _ in points], ys, s=40, color="tab:blue", zorder=3)
+    for label, x, y in points:  # the unquantized job, the reference, as a star
+        marker, color = ("*", "black") if _is_reference(label) else ("o", "tab:blue")
+        ax.scatter([x], [y], s=90 if marker == "*" else 40, marker=marker, color=color, zorder=3)
     ax.set_xlabel("footprint, MiB (smaller is better)")
     ax.set_ylabel(ylabel, fontsize=9)
     ax.grid(alpha=0.3)
@@ -378,13 +408,15 @@ def _quality_panel(ax, rows: list[dict], drawn: dict) -> None:
 
     arrow = ("↖" if higher else "↙") + f" better: smaller footprint, {'higher' if higher else 'lower'} {short}"
     handles = [Line2D([], [], marker="o", linestyle="", color="tab:blue", label="job (succeeded)")]
+    if any(_is_reference(label) for label, _, _ in points):
+        handles.append(Line2D([], [], marker="*", markersize=10, linestyle="", color="black", label="unquantized"))
     if failed:
         handles.append(
             Line2D([], [], marker="x", linestyle="", color="red", markeredgewidth=2, label="job not succeeded")
         )
     handles += [h for h in ax.get_lines() if h.get_label() == "unquantized reference perplexity"]
     handles.append(Line2D([], [], linestyle="", label=arrow))
-    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.0), ncols=len(handles), fontsize=9, frameon=False)
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.0), ncols=2, fontsize=9, frameon=False)
     drawn.update(xlabel=ax.get_xlabel(), failed=[_failed_label(r) for r in failed])
 
 
@@ -409,39 +441,129 @@ def _label_quality_panel(ax, rows: list[dict], points: list[tuple[str, float, fl
     _place_labels(ax, renderer, points, taken)
 
 
-def _bar_panels(mem, time, rows: list[dict]) -> None:
-    """Per job: footprint and load-stage anon growth; load time, all stages and the load stage alone."""
+# Speed figures a sweep may carry, best first: (column, axis label, reference value or None).
+SPEED = [
+    ("relative_decode_speed", "decode tokens/s relative to unquantized, log scale (higher is faster)", 1.0),
+    ("decode_tok_s", "decode tokens/s (higher is faster)", None),
+    ("prefill_tok_s", "prefill tokens/s (higher is faster)", None),
+]
+
+
+def _speed_points(rows: list[dict]) -> dict:
+    """The speed figure (relative decode speed where an unquantized job is the reference) against footprint."""
+    done = [r for r in rows if r["status"] == "succeeded"]
+    column, ylabel, reference = next((q for q in SPEED if any(r[q[0]] is not None for r in done)), SPEED[0])
+    points = [
+        (label, r["footprint_mib"], r[column])
+        for r, label in zip(done, _point_labels(done), strict=True)
+        if r["footprint_mib"] and r[column] is not None
+    ]
+    if not points:
+        ylabel = "speed: no generation timings in this sweep (run it with probe=quick)"
+    return {"metric": column, "ylabel": ylabel, "reference": reference, "points": points}
+
+
+def _is_reference(label: str) -> bool:
+    return label == "none" or label.startswith("none, ")
+
+
+def _speed_panel(ax, speed: dict) -> None:
+    """Speed against footprint, one point per succeeded job; the unquantized job is the reference line."""
+    from matplotlib.lines import Line2D
+
+    points = speed["points"]
+    for label, x, y in points:
+        marker, color = ("*", "black") if _is_reference(label) else ("o", "tab:purple")
+        ax.scatter([x], [y], s=90 if marker == "*" else 40, marker=marker, color=color, zorder=3)
+    ax.set_xlabel("footprint, MiB (smaller is better)")
+    ax.set_ylabel(speed["ylabel"], fontsize=9)
+    ax.grid(alpha=0.3)
+    handles = [Line2D([], [], marker="o", linestyle="", color="tab:purple", label="job")]
+    if any(_is_reference(label) for label, _, _ in points):
+        handles.append(Line2D([], [], marker="*", markersize=10, linestyle="", color="black", label="unquantized"))
+    if speed["reference"] is not None and points:
+        ax.axhline(speed["reference"], color="grey", linestyle="--", linewidth=1)
+        handles.append(Line2D([], [], color="grey", linestyle="--", label="unquantized (1.0x)"))
+    if not points:
+        ax.text(0.5, 0.5, "no speed figures", transform=ax.transAxes, ha="center", color="grey")
+    else:
+        xs, ys = [x for _, x, _ in points], [y for _, _, y in points] + [speed["reference"] or points[0][2]]
+        x_pad = 0.15 * (max(xs) - min(xs)) or 0.15 * max(xs)
+        ax.set_xlim(max(0.0, min(xs) - x_pad), max(xs) + x_pad)
+        if speed["reference"] is not None:  # ratios: half as fast and twice as fast lie as far from 1.0x
+            from matplotlib.ticker import FuncFormatter
+
+            ax.set_yscale("log", base=2)
+            ax.set_ylim(min(ys) / 1.4, max(ys) * 1.4)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+        else:
+            y_pad = 0.15 * (max(ys) - min(ys)) or 0.15 * max(ys)
+            ax.set_ylim(max(0.0, min(ys) - y_pad), max(ys) + y_pad)
+    speed["scale"] = ax.get_yscale()
+    handles.append(Line2D([], [], linestyle="", label="↖ better: smaller and faster"))
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.0), ncols=2, fontsize=9, frameon=False)
+
+
+def _positive_bars(ax, y: list[float], values: list, **style) -> None:
+    """Bars on a log axis: a job without the figure (or with 0) has no bar rather than one from -infinity."""
+    shown = [(i, v) for i, v in zip(y, values, strict=True) if v]
+    if shown:
+        ax.barh([i for i, _ in shown], [v for _, v in shown], **style)
+    else:
+        ax.barh([], [], **style)  # still in the legend
+
+
+def _bar_panels(mem, time, rows: list[dict]) -> list[str]:
+    """Per job: footprint and the peak anonymous memory of the load stage and of generating; time on a log axis
+    (a calibrating method's minutes beside others' seconds), with postprocess (calibration) and the load stage
+    apart from the whole load. Returns the row labels."""
     y = list(range(len(rows)))
     labels = [_job(r, 60) for r in rows]
     labels = [
         lab if r["status"] == "succeeded" else f"{lab} ✗ {r['status']}" for lab, r in zip(labels, rows, strict=True)
     ]
-    mem.barh([i - 0.2 for i in y], [r["footprint_mib"] or 0 for r in rows], height=0.4, label="footprint")
-    growth = [r["load_anon_growth_mib"] or 0 for r in rows]
-    mem.barh([i + 0.2 for i in y], growth, height=0.4, label="anon growth in load stage")
+    bars = [
+        ("footprint_mib", "footprint", "tab:blue"),
+        ("peak_anon_mib_load", "peak anon, load stage", "tab:orange"),
+        ("generate_peak_anon_mib", "peak anon, generating", "tab:purple"),
+    ]
+    for k, (column, label, color) in enumerate(bars):
+        values = [r[column] or 0 for r in rows]
+        mem.barh([i - 0.27 + 0.27 * k for i in y], values, height=0.27, label=label, color=color)
     mem.set_yticks(y, labels, fontsize=8)
     for tick, r in zip(mem.get_yticklabels(), rows, strict=True):
         tick.set_color("black" if r["status"] == "succeeded" else "red")
     mem.set_xlabel("MiB")
-    time.barh([i - 0.2 for i in y], [r["load_s"] or 0 for r in rows], height=0.4, color="tab:green", label="all stages")
-    load = [r["load_stage_s"] or 0 for r in rows]
-    time.barh([i + 0.2 for i in y], load, height=0.4, color="tab:olive", label="load stage")
+    time.set_xscale("log")
+    stages = [
+        ("load_s", "all stages", "tab:green"),
+        ("postprocess_s", "postprocess (calibration)", "tab:red"),
+        ("load_stage_s", "load stage", "tab:olive"),
+    ]
+    for k, (column, label, color) in enumerate(stages):
+        _positive_bars(time, [i - 0.27 + 0.27 * k for i in y], [r[column] for r in rows], height=0.27, label=label,
+                       color=color)  # fmt: skip
     time.set_yticks(y, [""] * len(rows))
-    time.set_xlabel("seconds")
+    time.set_xlabel("seconds (log scale)")
     for ax in (mem, time):
-        ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1), ncols=2, frameon=False)
-        ax.invert_yaxis()
+        ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1), ncols=3, frameon=False)
+        ax.set_ylim(len(rows) - 0.5, -0.5)  # the first job on top
         ax.grid(axis="x", alpha=0.3)
+    return labels
 
 
 def plot(rows: list[dict], path: Path, title: str = "qloader sweep") -> dict:
-    """summary.png: quality against footprint above, per-job memory and load time below, failures listed.
+    """summary.png: quality and speed against footprint above, per-job memory and time below, failures listed.
+    Overrides every job shares are left off the labels (the title says them once).
 
-    Returns what it drew: title, axis labels, `points` [(label, footprint MiB, y)], `failed` [labels], `note`.
+    Returns what it drew: title, axis labels, `points` [(label, footprint MiB, y)], `failed` [labels], `note`,
+    `speed` (its metric, label, reference and points), `bar_labels`, `time_scale`.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    common = set(common_overrides(rows))
+    rows = [{**r, "overrides": " ".join(t for t in (r["overrides"] or "").split() if t not in common)} for r in rows]
     failed = [r for r in rows if r["status"] != "succeeded"]
     errors = [" ".join((r["error"] or "no error recorded").split()) for r in failed]
     note = [
@@ -449,25 +571,31 @@ def plot(rows: list[dict], path: Path, title: str = "qloader sweep") -> dict:
         for r, e in zip(failed, errors, strict=True)
     ]
     drawn = _quality_points(rows)
+    speed = _speed_points(rows)
     note += [f"{job}: succeeded, but has no footprint or {drawn['metric']} to plot" for job in drawn["unplotted"]]
-    bars_h = 1.4 + 0.45 * max(len(rows), 1)
+    bars_h = 1.4 + 0.55 * max(len(rows), 1)
     heights = [6, bars_h] + ([0.3 + 0.2 * (len(note) + 1)] if note else [])
-    fig = Figure(figsize=(13, sum(heights)), layout="constrained")
+    fig = Figure(figsize=(16, sum(heights)), layout="constrained")
     FigureCanvasAgg(fig)
     panels = fig.subfigures(len(heights), 1, height_ratios=heights)  # each laid out on its own
-    quality = panels[0].subplots()
+    quality, speed_ax = panels[0].subplots(1, 2, width_ratios=[1.2, 1])
     mem, time = panels[1].subplots(1, 2)
     fig.suptitle(title, fontsize=13)
-    _bar_panels(mem, time, rows)
+    bar_labels = _bar_panels(mem, time, rows)
     _quality_panel(quality, rows, drawn)
+    _speed_panel(speed_ax, speed)
     if note:
         text = "\n".join(["jobs without a point on the quality plot:", *note])
         panels[2].text(0.005, 0.95, text, va="top", fontsize=8, color="darkred").set_in_layout(False)
     fig.canvas.draw()  # lay the panels out once, then freeze them so the labels can be placed without overlap
     fig.set_layout_engine("none")
     _label_quality_panel(quality, rows, drawn["points"], drawn["higher_is_better"])
+    _place_labels(speed_ax, fig.canvas.get_renderer(), speed["points"], [])
     fig.savefig(path, dpi=100)
-    return {"title": title, **drawn, "note": note}
+    return {
+        "title": title, **drawn, "note": note, "speed": speed, "bar_labels": bar_labels,
+        "time_scale": time.get_xscale(),
+    }  # fmt: skip
 
 
 def write_summary(sweep_dir: Path) -> list[dict]:

@@ -62,6 +62,7 @@ def _render(manifest: dict) -> str:
         lines += [
             f"  probe          {_probe_line(probe)}",
             f"  sample         {probe['sample']['prompt']!r} -> {probe['sample']['output']!r}",
+            *_speed_lines(probe.get("speed"), manifest["stages"]),
         ]
     if cache := manifest.get("cache"):
         lines.append(f"  cache          {_cache_line(cache)}")
@@ -116,3 +117,24 @@ def _probe_line(probe: dict) -> str:
     if compared := probe.get("compared_with"):
         parts.append(f"against {compared}" if probe.get("top1_agreement") is not None else f"not compared: {compared}")
     return ", ".join(parts)
+
+
+def _speed_lines(speed: dict | None, stages: list[dict]) -> list[str]:
+    """Prefill and decode tokens/s, and the peak memory while generating beside the load stage's peak."""
+    if not speed:  # a manifest written before the probe timed generation
+        return []
+    decode = (
+        f"decode {speed['decode_tokens_per_s']} tok/s ({speed['new_tokens']} new tokens, greedy)"
+        if speed.get("decode_tokens_per_s") is not None
+        else f"decode {speed['decode']}"
+    )
+    prefill = f"prefill {speed['prefill_tokens_per_s']} tok/s ({speed['prompt_tokens']} prompt tokens)"
+    lines = [f"  speed          {prefill}, {decode}, on {speed['device']} after a warm-up"]
+    peak = mib(speed["peak_anon_bytes"]) if speed.get("peak_anon_bytes") is not None else "unmeasured"
+    if speed.get("peak_anon_exact") is False:
+        peak = f">= {peak}"
+    load = next((s for s in stages if s["name"] == "load"), None)
+    beside = f"; load stage peak anon {mib(load['anon_peak_bytes'])}" if load and load.get("anon_peak_bytes") else ""
+    cuda = speed.get("cuda_peak_allocated_bytes")
+    lines.append(f"  generating     peak anon {peak}{beside}" + (f"; CUDA peak allocated {mib(cuda)}" if cuda else ""))
+    return lines
