@@ -154,7 +154,9 @@ def test_plan_within_one_percent_and_fingerprint_stable(loaded, awq_checkpoint, 
 
 def test_probe_reports_the_storage_after_its_forward(awq_checkpoint, tmp_path) -> None:
     """gptqmodel repacks the weights on the first forward: the manifest records the storage held after it."""
-    result = qloader.load(local(awq_checkpoint, "dtype=bf16", "probe=quick"), run_dir=tmp_path / "run")
+    result = qloader.load(
+        local(awq_checkpoint, "dtype=bf16", "probe=quick", "probe.decode_tokens=4"), run_dir=tmp_path / "run"
+    )
     probe = result.manifest["probe"]
     assert probe["footprint_after_bytes"] != result.manifest["model"]["footprint_bytes"]
     assert result.model.get_submodule(Q_PROJ).qweight.dtype != torch.int32

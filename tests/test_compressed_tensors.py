@@ -218,7 +218,7 @@ def test_save_note_says_what_is_written(loaded) -> None:
 def test_smollm2_plan_and_memory_after_probe(preset, smollm2_checkpoint, tmp_path) -> None:
     path = build_checkpoint(smollm2_checkpoint, tmp_path / "ckpt", preset, group_size=64, shard="100MB")
     plan = qloader.load([*local(path), "mode=plan"], run_dir=tmp_path / "plan").manifest["plan"]["footprint_bytes"]
-    result = qloader.load([*local(path), "probe=quick"], run_dir=tmp_path / "load")
+    result = qloader.load([*local(path), "probe=quick", "probe.decode_tokens=4"], run_dir=tmp_path / "load")
     measured = result.manifest["model"]["footprint_bytes"]
     after = result.manifest["probe"]["footprint_after_bytes"]
     print(f"\n{preset}: plan {plan} measured {measured} after probe {after}")

@@ -316,7 +316,7 @@ def test_the_fused_kernel_compiles_in_a_cache_path_with_a_space(tiny_checkpoint,
 # ---------------------------------------------------------------- probe references (probe-reference/*.pt)
 
 
-PROBE = ["probe=quick", "probe.max_tokens=64", "probe.max_new_tokens=2"]
+PROBE = ["probe=quick", "probe.max_tokens=64", "probe.max_new_tokens=2", "probe.decode_tokens=2"]
 
 
 @pytest.fixture(scope="module")

@@ -229,7 +229,15 @@ def test_the_probe_runs_on_a_model_offloaded_to_disk(tiny_checkpoint, tmp_path) 
     folder = add_tokenizer(copy_checkpoint(tiny_checkpoint, tmp_path / "checkpoint"))
     run = tmp_path / "run"
     offload = f"device_map.offload_folder={tmp_path / 'offload'}"
-    overrides = ["model=local", f"model.path={folder}", "quant=none", "probe=quick", offload, *FULL]
+    overrides = [
+        "model=local",
+        f"model.path={folder}",
+        "quant=none",
+        "probe=quick",
+        "probe.decode_tokens=2",
+        offload,
+        *FULL,
+    ]
     result = qloader.load(overrides, run_dir=run)
     probe = result.manifest["probe"]
     assert result.manifest["status"] == "succeeded" and result.manifest["model"]["device_map"] == {"": "disk"}

@@ -15,7 +15,9 @@ def probed(tmp_path_factory) -> dict:
     sweep = tmp_path_factory.mktemp("sweep")
     runs = {}
     for job, quant in enumerate(["none", "bnb-nf4"]):
-        runs[quant] = qloader.load(["model=smollm2-135m", f"quant={quant}", "probe=quick"], run_dir=sweep / str(job))
+        runs[quant] = qloader.load(
+            ["model=smollm2-135m", f"quant={quant}", "probe=quick", "probe.decode_tokens=4"], run_dir=sweep / str(job)
+        )
     return {"sweep": sweep, **{q: r.manifest for q, r in runs.items()}}
 
 
@@ -62,5 +64,7 @@ def test_probe_fails_clearly_without_a_tokenizer(tiny_checkpoint, tmp_path) -> N
 @pytest.mark.smollm2
 def test_probe_on_a_prequantized_checkpoint_scores_perplexity_only(smollm2_nf4_dq_saved, tmp_path) -> None:
     _, ckpt = smollm2_nf4_dq_saved
-    probe = qloader.load(["model=local", f"model.path={ckpt}", "probe=quick"], run_dir=tmp_path / "p").manifest["probe"]
+    probe = qloader.load(
+        ["model=local", f"model.path={ckpt}", "probe=quick", "probe.decode_tokens=4"], run_dir=tmp_path / "p"
+    ).manifest["probe"]
     assert probe["perplexity"] > 1 and probe["top1_agreement"] is None and "Paris" in probe["sample"]["output"]
