@@ -238,9 +238,10 @@ def test_one_writer_per_entry(load, cache_root) -> None:
     assert not Path(key["path"]).exists()
 
 
-def test_entry_in_use_is_never_evicted_or_cleared(load) -> None:
+def test_entry_in_use_is_never_evicted_or_cleared(load, tmp_path) -> None:
     entry = cache_of(load("quant=bnb-nf4"))
-    held = quantized_cache.open_entry(entry["key"], quantized_cache.HashCache(Path(os.devnull)))
+    # a hash cache of its own: it is saved by replacing its file (never a shared path such as /dev/null)
+    held = quantized_cache.open_entry(entry["key"], quantized_cache.HashCache(tmp_path / "hashes.json"))
     assert held is not None
     try:
         assert quantized_cache.evict(0) == []
