@@ -26,7 +26,7 @@ from oracle import (
 )
 
 import qloader
-from qloader.core.errors import CheckpointError, CheckpointMismatchError, ConfigError, DeviceMapError, ProbeError
+from qloader.core.errors import CheckpointError, CheckpointMismatchError, ConfigError, ProbeError
 from qloader.runs.manifest import manifest_schema
 from qloader.runs.summary import render
 
@@ -340,15 +340,12 @@ def test_mixtral_8x7b_auto_map_without_budget_names_the_available_memory(mixtral
 
     if psutil.virtual_memory().available > 80 * GiB or torch.cuda.is_available():
         pytest.skip("this host could hold the model")
-    with pytest.raises(DeviceMapError) as raised:  # a load is refused before reading a weight
-        load(mixtral_8x7b, tmp_path / "load", "quant=bnb-nf4", "device_map=auto")
-    message = str(raised.value)
-    assert "with no max_memory set: the model does not fit the memory available (cpu " in message
-    assert "allows 0.0 MiB" not in message and "short by" in message
-    # a plan records the same refusal, and shows what lands on disk
+    # the plan records the refusal a load gets (a load would first hash the 87 GiB of shards: tests/test_plan.py
+    # checks a load's refusal on a small model), and shows what lands on disk
     planned = load(mixtral_8x7b, tmp_path / "plan", "mode=plan", "quant=bnb-nf4", "plan.advice=false").manifest["plan"]
-    (refusal,) = planned["refusals"]  # the memory available moved between the two runs; the rest is the same
-    assert refusal.split(" (cpu ")[0] == message.split(" (cpu ")[0] and "could not be placed: lm_head" in refusal
+    (refusal,) = planned["refusals"]
+    assert "with no max_memory set: the model does not fit the memory available (cpu " in refusal
+    assert "allows 0.0 MiB" not in refusal and "short by" in refusal and "could not be placed: lm_head" in refusal
     assert planned["fits"] is False and planned["shortfall_bytes"]["disk"] > 0
 
 
