@@ -455,7 +455,7 @@ def test_a_second_sweep_into_a_used_sweep_dir_is_refused(tmp_path) -> None:
     assert second.stderr.strip().splitlines() == [
         f"qloader: error: RunDirInUseError: sweep dir '{sweep_dir}' already holds another sweep's jobs (.qloader, "
         "multirun.yaml, 0/manifest.json and 1 more); choose a new sweep dir (hydra.sweep.dir=NEW): a record is never "
-        "overwritten"
+        "overwritten; or sweep.resume=true to run the jobs of an ended sweep that did not succeed"
     ]
     assert tree(sweep_dir) == before
 
