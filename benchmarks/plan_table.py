@@ -120,7 +120,8 @@ def markdown(rows: list[dict], timed: float) -> str:
         "`python benchmarks/plan_table.py`: `qloader mode=plan model=local model.path=tests/data/configs/<model> "
         "quant=<method> device_map.max_memory.0=80GiB ...` (no CPU budget: what the GPUs cannot hold lands on disk). "
         "Footprint: the model as loaded; spill: bytes on cpu or disk; max context: tokens per sequence at batch 1 "
-        "whose KV cache (bf16) fits beside the model, at most the model's max_position_embeddings. "
+        "whose KV cache (bf16) and prefill activations fit beside the model, at most the model's "
+        "max_position_embeddings. "
         "accelerate estimate-memory: its total for the same config (float32 size from an empty model, divided by 2 "
         "for float16, 4 for int8, 8 for int4) and how far it is from the plan's footprint: it divides the kept "
         "layers (embeddings, lm_head, norms) and the quantization state too, which the plan counts as loaded.",
