@@ -597,3 +597,27 @@ def test_a_run_dir_past_the_file_size_limit_is_one_line_and_leaves_nothing(tmp_p
         "choose another run dir (hydra.run.dir=...)"
     ]
     assert list(disk.iterdir()) == []
+
+
+def test_an_interrupt_a_library_turned_into_its_own_error_is_recorded_killed() -> None:
+    """Before: a Ctrl-C that landed inside a torch copy surfaced as `ValueError: could not determine the shape of
+    object type 'torch.storage.UntypedStorage'`, and the sweep job was recorded `failed` with a LoadError."""
+    import os
+    import signal
+
+    from qloader.core.interrupts import as_interrupt, signals_as_interrupt
+
+    with signals_as_interrupt():
+        assert isinstance(as_interrupt(ValueError("x")), ValueError)  # no signal: an error is an error
+        try:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                raise ValueError("could not determine the shape of object type 'UntypedStorage'") from None
+        except ValueError as error:
+            ended = as_interrupt(error)
+    assert isinstance(ended, KeyboardInterrupt)
+    assert str(ended).startswith("interrupted by SIGINT (ValueError surfaced: could not determine the shape")
+    with signals_as_interrupt():  # the next run starts with no signal received
+        assert isinstance(as_interrupt(ValueError("x")), ValueError)

@@ -17,6 +17,8 @@ from qloader.core.cluster import slurm_job_id, stop_cause
 from qloader.core.errors import RunKilled
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+_received: str | None = None
+"""The signal the current block was interrupted by (`signals_as_interrupt`), None before one arrives."""
 _stop_reason: str | None = None
 """Why this process sent itself SIGTERM (`stop_this_process`), for the `killed` record."""
 
@@ -37,9 +39,11 @@ def _interrupt_once():
 
     def interrupt(signum: int, frame) -> None:
         nonlocal interrupted
+        global _received
         if interrupted:
             return
         interrupted = True
+        _received = signal.Signals(signum).name
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         name = signal.Signals(signum).name
@@ -58,6 +62,16 @@ def _handled() -> tuple[signal.Signals, ...]:
     return HANDLED
 
 
+def as_interrupt(error: BaseException) -> BaseException:
+    """The error a run ended with, or, when a signal interrupted the run and a library's code turned the
+    KeyboardInterrupt into an error of its own (a half-copied tensor read back, a worker thread's failure), the
+    interrupt it was: the run was killed, not failed."""
+    if _received is None or isinstance(error, KeyboardInterrupt):
+        return error
+    what = f"interrupted by {_received} ({type(error).__name__} surfaced: {' '.join(str(error).split())[:200]})"
+    return KeyboardInterrupt(what) if _received == "SIGINT" else RunKilled(_received, what)
+
+
 def stop_this_process(reason: str) -> None:
     """End this process's run as SIGTERM does (a `killed` record naming the stage), with `reason` as its message."""
     global _stop_reason
@@ -74,6 +88,8 @@ def signals_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _received
+    _received = None
     handler = _interrupt_once()
     previous = {sig: signal.signal(sig, handler) for sig in _handled()}
     try:

@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from qloader.core.interrupts import signals_as_interrupt
+from qloader.core.interrupts import as_interrupt, signals_as_interrupt
 from qloader.core.library_logs import library_records_to, own_records_to
 from qloader.core.names import STAGE_NAMES
 from qloader.loading.context import LoadContext
@@ -142,7 +142,10 @@ def run(
             stages_done = True
             record = manifest.succeed(ctx)
         except BaseException as error:
-            manifest.fail(error, None if stages_done else current, ctx)
+            ended_by = as_interrupt(error)  # an interrupt a library turned into an error of its own is still one
+            manifest.fail(ended_by, None if stages_done else current, ctx)
+            if ended_by is not error:
+                raise ended_by from error
             raise
         finally:
             if ctx.cache is not None:  # a cache hit's entry, held since `resolve` so no eviction removes it mid-load
