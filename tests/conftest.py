@@ -99,6 +99,21 @@ def save_with_qloader(model: str, mode: str, tmp: Path, shard: str):
 
 
 @pytest.fixture(scope="session")
+def family_checkpoint(tmp_path_factory):
+    """family name (tests/families.py) -> its tiny seeded checkpoint folder, written once per session."""
+    from families import FAMILIES, write_checkpoint
+
+    written: dict[str, Path] = {}
+
+    def checkpoint(name: str) -> Path:
+        if name not in written:
+            written[name] = write_checkpoint(FAMILIES[name], tmp_path_factory.mktemp(name) / "checkpoint")
+        return written[name]
+
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
 def smollm2_nf4_dq_saved(smollm2_checkpoint, tmp_path_factory):
     """SmolLM2 saved by qloader in nf4-dq, once per session: the round trip, the tokenizer check and the probe of
     a pre-quantized checkpoint read the same save (from its files; only the round trip runs the saving load's

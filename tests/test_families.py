@@ -15,7 +15,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
-from families import FAMILIES, mixtral_8x7b_shapes, write_checkpoint, write_shape_only_checkpoint
+from families import FAMILIES, mixtral_8x7b_shapes, write_shape_only_checkpoint
 from oracle import (
     MODES,
     assert_same_logits,
@@ -34,16 +34,9 @@ GiB = 2**30
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    """family name -> its checkpoint folder, written once per session."""
-    written: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in written:
-            written[name] = write_checkpoint(FAMILIES[name], tmp_path_factory.mktemp(name) / "checkpoint")
-        return written[name]
-
-    return get
+def checkpoint(family_checkpoint):
+    """family name -> its checkpoint folder, written once per session (conftest's `family_checkpoint`)."""
+    return family_checkpoint
 
 
 def load(folder: Path, run_dir: Path, *overrides: str):

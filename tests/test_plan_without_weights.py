@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import read_manifest, run_cli_in_process
-from families import FAMILIES, write_checkpoint
+from families import FAMILIES
 
 import qloader
 
@@ -28,16 +28,6 @@ def config_only(checkpoint: Path, folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def family_checkpoint(tmp_path_factory):
-    written: dict[str, Path] = {}
-
-    def checkpoint(name: str) -> Path:
-        if name not in written:
-            written[name] = write_checkpoint(FAMILIES[name], tmp_path_factory.mktemp(name) / "checkpoint")
-        return written[name]
-
-    return checkpoint
 
 
 @pytest.mark.parametrize("quant", ["none", "bnb-nf4", "bnb-int8"])
