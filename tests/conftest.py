@@ -47,6 +47,10 @@ def pytest_configure(config) -> None:
     """Every cache the suite writes lives in `suite_cache_root()`, never in the user's ~/.cache; tests of the caches
     themselves point QLOADER_CACHE at a tmp_path of their own."""
     root = suite_cache_root()
+    if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+        # xdist workers share the cores: each gets its share as torch threads (also in the processes it starts),
+        # as a busy-waiting OpenMP pool per worker on every core would slow all of them down.
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(workers)))
     # Loads keep no quantized cache unless a test asks (tests/test_quantized_cache.py, with a QLOADER_CACHE of its
     # own): a hit would load what an earlier test quantized, and the tests of quantizing would test the cache.
     os.environ["QLOADER_CACHE_QUANTIZED"] = "false"
@@ -115,7 +119,8 @@ def family_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_nf4_dq_saved(smollm2_checkpoint, tmp_path_factory):
-    """SmolLM2 saved by qloader in nf4-dq, once per session: the round trip, the tokenizer check and the probe of
+    """SmolLM2 saved by qloader in nf4-dq, once per session (its readers share tests/test_prequantized.py, which one
+    xdist worker runs whole): the round trip, the tokenizer check and the probe of
     a pre-quantized checkpoint read the same save (from its files; only the round trip runs the saving load's
     model, after comparing its weights)."""
     return save_with_qloader("model=smollm2-135m", "nf4-dq", tmp_path_factory.mktemp("smollm2"), shard="40MB")

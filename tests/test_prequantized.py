@@ -65,6 +65,15 @@ def test_saved_smollm2_carries_its_tokenizer(smollm2_checkpoint, smollm2_nf4_dq_
         assert (ckpt / name).read_bytes() == (smollm2_checkpoint / name).read_bytes()
 
 
+@pytest.mark.smollm2
+def test_probe_on_a_prequantized_checkpoint_scores_perplexity_only(smollm2_nf4_dq_saved, tmp_path) -> None:
+    _, ckpt = smollm2_nf4_dq_saved
+    probe = qloader.load(
+        ["model=local", f"model.path={ckpt}", "probe=quick", "probe.decode_tokens=4"], run_dir=tmp_path / "p"
+    ).manifest["probe"]
+    assert probe["perplexity"] > 1 and probe["top1_agreement"] is None and "Paris" in probe["sample"]["output"]
+
+
 @pytest.fixture(scope="module")
 def nf4_checkpoint(tmp_path_factory) -> Path:
     """tiny-llama saved by qloader in nf4 with double quant, in several shards."""

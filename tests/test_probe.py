@@ -59,12 +59,3 @@ def test_probe_fails_clearly_without_a_tokenizer(tiny_checkpoint, tmp_path) -> N
     assert f"ProbeError: probe: checkpoint '{tiny_checkpoint}' has no tokenizer" in result.stderr
     manifest = read_manifest(tmp_path)
     assert (manifest["error"]["stage"], manifest["status"]) == ("resolve", "failed")  # refused before loading
-
-
-@pytest.mark.smollm2
-def test_probe_on_a_prequantized_checkpoint_scores_perplexity_only(smollm2_nf4_dq_saved, tmp_path) -> None:
-    _, ckpt = smollm2_nf4_dq_saved
-    probe = qloader.load(
-        ["model=local", f"model.path={ckpt}", "probe=quick", "probe.decode_tokens=4"], run_dir=tmp_path / "p"
-    ).manifest["probe"]
-    assert probe["perplexity"] > 1 and probe["top1_agreement"] is None and "Paris" in probe["sample"]["output"]

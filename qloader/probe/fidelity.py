@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -86,7 +87,10 @@ def _reference_log_probs(
     """
     from qloader.core.cache import cache_dir, discard, owner_tag, remove_dead_temps, warn_damaged
 
-    key = [[f.name, f.sha256] for f in checkpoint.files] + [str(dtype), auto_class]
+    # CPU kernels split their sums by thread: the reference is computed with this process's thread count and
+    # keyed on it, so an unquantized model agrees with its reference bit for bit.
+    threads = torch.get_num_threads()
+    key = [[f.name, f.sha256] for f in checkpoint.files] + [str(dtype), auto_class, f"threads={threads}"]
     key += [[name, tensor.tolist()] for name, tensor in sorted(inputs.items())]
     folder = cache_dir() / "probe-reference"
     path = folder / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}.pt"
@@ -105,7 +109,8 @@ def _reference_log_probs(
         name = str(dtype).removeprefix("torch.")
         command = [sys.executable, "-m", "qloader.probe.reference", str(checkpoint.path), name, str(inputs_path)]
         with step("the unquantized reference, in a process of its own (once per checkpoint and dtype, then cached)"):
-            done = subprocess.run([*command, str(tmp), auto_class], capture_output=True, text=True)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            done = subprocess.run([*command, str(tmp), auto_class], capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise ProbeError(f"probe: the unquantized reference failed to load: {done.stderr.strip()[-500:]}")
         fresh, why = _read_reference(tmp, shape, values=False)

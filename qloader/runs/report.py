@@ -101,6 +101,8 @@ def _sanitized(row: dict) -> dict:
 
 
 def _manifest_row(row: dict, m: dict) -> dict:
+    if not isinstance(m["status"], str):  # a hand-edited record: the row says `unreadable`, never a blank status
+        raise TypeError(f"its status is {m['status']!r}, not one of the schema's words")
     row.update(
         overrides=" ".join(m["overrides"]),
         status=m["status"],
