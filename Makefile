@@ -46,7 +46,7 @@ test-slow: setup
 
 # The GPTQ and AWQ tests (calibration, pre-quantized GPTQ / AWQ checkpoints) with the gptq extra installed.
 test-gptq: setup-gptq
-	$(BIN)/python -m pytest -m gptq $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m gptq $(PYTEST_ARGS)
 
 # Sweeps on a real SLURM: `make slurm-start` runs a single-node cluster on this machine (.ci/slurm; as root it
 # installs Debian's slurm-wlm and munge when missing); without one these tests skip, saying so.
