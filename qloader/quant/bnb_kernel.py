@@ -389,3 +389,64 @@ def _compile_error(e: Exception) -> str:
 @contextmanager
 def _no_cache() -> Iterator[None]:
     yield None
+
+
+WARM_CALLS = {
+    "quantize_4bit/nf4": ("quantize_4bit", (64, "nf4", torch.uint8)),
+    "quantize_4bit/fp4": ("quantize_4bit", (64, "fp4", torch.uint8)),
+    "int8_vectorwise_quant": ("int8_vectorwise_quant", (0.0,)),
+}
+"""What `warm_kernels` compiles: bitsandbytes' ops with the arguments transformers' loads pass (blocksize 64)."""
+
+
+def _call_fused(name: str, dtype: torch.dtype) -> tuple[str, float]:
+    """One fused kernel's first call in this process on a small seeded tensor: (its cost-record key, seconds)."""
+    import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+
+    op, args = WARM_CALLS[name]
+    A = torch.randn(256, 512, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with quantization_kernels("fused", A.numel(), op) as report:
+        start = time.perf_counter()
+        getattr(torch.ops.bitsandbytes, op)(A, *args)
+    if report.fused_calls != 1:  # the compile failed: the report says why
+        raise RuntimeError(f"the fused kernel {name} for {dtype} did not run: {report.reason}")
+    quant_type = f"/{args[1]}" if op == "quantize_4bit" else ""
+    return f"{op}/{dtype}{quant_type}", round(time.perf_counter() - start, 3)
+
+
+def warm_kernels(
+    dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,), names: tuple[str, ...] = tuple(WARM_CALLS)
+) -> list[tuple[str, float, float | None]]:
+    """Compile the fused kernels into the kernel cache now, not in a load: bitsandbytes' 4-bit (nf4, fp4) and int8
+    quantization ops, once per input dtype, then time each one's first call in a fresh process, as a load's first
+    call reads it from the cache. `auto` then weighs a load against that measured cache read, the first load on
+    this host included. [(cost-record key, compile seconds, cache-read seconds)]; raises what a compile raised
+    (no C++ compiler, say)."""
+    import subprocess
+    import sys
+
+    from qloader.core.files import write_json_atomic
+
+    before = recorded_first_call_s()
+    compiled = [_call_fused(name, dtype) for dtype in dtypes for name in names]
+    costs = recorded_first_call_s()  # one process compiled them all: what it recorded is compile time
+    for key, seconds in compiled:
+        if key not in before:
+            costs.pop(key, None)
+            costs[f"cold:{key}"] = seconds
+    write_json_atomic(_costs_file(), costs)
+    for dtype in dtypes:  # a process per kernel: each pays what a load's first call pays (dynamo's start too)
+        for name in names:
+            dtype_name = str(dtype).removeprefix("torch.")
+            command = [sys.executable, "-m", "qloader.quant.bnb_kernel", name, dtype_name]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"reading {name} back from the kernel cache failed: {done.stderr.strip()[-300:]}")
+    read = recorded_first_call_s()
+    return [(key, seconds, read.get(key)) for key, seconds in compiled]
+
+
+if __name__ == "__main__":  # `warm_kernels`' fresh process: one kernel's first call, recorded as a cache read
+    import sys
+
+    _call_fused(sys.argv[1], getattr(torch, sys.argv[2]))

@@ -1,4 +1,5 @@
-"""`qloader cache list` / `qloader cache clear`: show and empty the quantized-weights cache (no torch imported)."""
+"""`qloader cache list` / `qloader cache clear`: show and empty the quantized-weights cache (no torch imported);
+`qloader cache warm`: compile the fused quantization kernels into the kernel cache ahead of a load."""
 
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ from qloader.core.units import mib
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="qloader cache", description="Show or empty the quantized-weights cache ($QLOADER_CACHE/quantized)."
+        prog="qloader cache",
+        description="Show or empty the quantized-weights cache ($QLOADER_CACHE/quantized), or fill the kernel cache.",
     )
     p.add_argument(
-        "action", choices=("list", "clear"), help="list: every entry, least recently used first; clear: remove them"
+        "action",
+        choices=("list", "clear", "warm"),
+        help="list: every entry, least recently used first; clear: remove them; warm: compile the fused "
+        "bitsandbytes quantization kernels now ($QLOADER_CACHE/kernels), so quant.kernel=auto can pick them on "
+        "the first load",
     )
     return p
 
@@ -38,6 +44,8 @@ def render_entries(rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    if args.action == "warm":
+        return _warm()
     if args.action == "list":
         print(render_entries(quantized_cache.list_entries()))
         return 0
@@ -46,4 +54,23 @@ def main(argv: list[str]) -> int:
     print(f"quantized cache {quantized_cache.quantized_root()}: removed {_entries(len(removed))} ({freed})")
     if kept:
         print(f"qloader: kept {_entries(len(kept))} that another run is reading", file=sys.stderr)
+    return 0
+
+
+def _warm() -> int:
+    from qloader.quant import bnb_kernel  # torch: only this action needs it
+
+    try:
+        done = bnb_kernel.warm_kernels()
+    except Exception as e:  # no C++ compiler, an unsupported platform: `auto` keeps bitsandbytes' kernels
+        print(
+            f"qloader: error: the fused kernels did not compile ({str(e).splitlines()[0][:300]}); "
+            "quant.kernel=auto keeps bitsandbytes' kernels",
+            file=sys.stderr,
+        )
+        return 1
+    for key, compile_s, read_s in done:
+        read = "not recorded" if read_s is None else f"{read_s:.2f} s"
+        print(f"{key}: compiled in {compile_s:.2f} s, first call from the cache {read}")
+    print(f"kernel cache {bnb_kernel.kernel_cache_dir()}: {len(done)} fused kernels ready")
     return 0
