@@ -157,6 +157,11 @@ def _seconds(key: str, value: object) -> bool:
     return type(value) in (int, float) and 0 <= value < float("inf")
 
 
+def _cost_key(op: str, dtype: torch.dtype, quant_type: str | None = None) -> str:
+    """A kernel's key in the first-call record: `op/dtype[/quant type]`."""
+    return f"{op}/{dtype}" + (f"/{quant_type}" if quant_type else "")
+
+
 def _record_first_call(key: str, seconds: float, cold: bool) -> None:
     from qloader.core.files import write_json_atomic
 
@@ -307,7 +312,7 @@ class _FusedOps:
             self._failed(e)
             self._count_bnb()
             return _bnb_4bit(A, blocksize, quant_type, quant_storage)
-        self._first_call(f"quantize_4bit/{A.dtype}/{quant_type}", start)
+        self._first_call(_cost_key("quantize_4bit", A.dtype, quant_type), start)
         if not bool(torch.isfinite(absmax).all()):  # NaN / Inf: bitsandbytes' own result, whatever it is
             self.report.fallback_calls += 1
             return _bnb_4bit(A, blocksize, quant_type, quant_storage)
@@ -336,7 +341,7 @@ class _FusedOps:
             self._failed(e)
             self._count_bnb()
             return _bnb_int8(A, threshold)
-        self._first_call(f"int8_vectorwise_quant/{A.dtype}", start)
+        self._first_call(_cost_key("int8_vectorwise_quant", A.dtype), start)
         # a zero row (127 / 0), NaN or Inf: bitsandbytes' own result, whatever its conversion gives
         if not bool(((row_stats > 0) & (row_stats < float("inf"))).all()):
             self.report.fallback_calls += 1
@@ -406,29 +411,38 @@ def _call_fused(name: str, dtype: torch.dtype) -> tuple[str, float]:
     op, args = WARM_CALLS[name]
     A = torch.randn(256, 512, generator=torch.Generator().manual_seed(0)).to(dtype)
     with quantization_kernels("fused", A.numel(), op) as report:
-        start = time.perf_counter()
         getattr(torch.ops.bitsandbytes, op)(A, *args)
     if report.fused_calls != 1:  # the compile failed: the report says why
         raise RuntimeError(f"the fused kernel {name} for {dtype} did not run: {report.reason}")
-    quant_type = f"/{args[1]}" if op == "quantize_4bit" else ""
-    return f"{op}/{dtype}{quant_type}", round(time.perf_counter() - start, 3)
+    return _cost_key(op, dtype, args[1] if op == "quantize_4bit" else None), report.first_call_s
+
+
+def _fused_calls_in_a_fresh_process(names: tuple[str, ...], dtype: torch.dtype) -> list[tuple[str, float]]:
+    """`_call_fused` for each of `names` in a new Python process: what it pays owes nothing to this process's
+    compiled graphs in memory. [(cost-record key, seconds)]."""
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "qloader.quant.bnb_kernel", str(dtype).removeprefix("torch."), *names]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(names)}: {done.stderr.strip()[-300:]}")
+    return [tuple(pair) for pair in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
 def warm_kernels(
     dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,), names: tuple[str, ...] = tuple(WARM_CALLS)
 ) -> list[tuple[str, float, float | None]]:
     """Compile the fused kernels into the kernel cache now, not in a load: bitsandbytes' 4-bit (nf4, fp4) and int8
-    quantization ops, once per input dtype, then time each one's first call in a fresh process, as a load's first
-    call reads it from the cache. `auto` then weighs a load against that measured cache read, the first load on
-    this host included. [(cost-record key, compile seconds, cache-read seconds)]; raises what a compile raised
-    (no C++ compiler, say)."""
-    import subprocess
-    import sys
-
+    quantization ops, once per input dtype, in a process of their own; then time each one's first call in a fresh
+    process, as a load's first call reads it from the cache. `auto` then weighs a load against that measured cache
+    read, the first load on this host included. [(cost-record key, compile seconds, cache-read seconds)]; raises
+    what a compile raised (no C++ compiler, say)."""
     from qloader.core.files import write_json_atomic
 
     before = recorded_first_call_s()
-    compiled = [_call_fused(name, dtype) for dtype in dtypes for name in names]
+    compiled = [pair for dtype in dtypes for pair in _fused_calls_in_a_fresh_process(names, dtype)]
     costs = recorded_first_call_s()  # one process compiled them all: what it recorded is compile time
     for key, seconds in compiled:
         if key not in before:
@@ -437,16 +451,13 @@ def warm_kernels(
     write_json_atomic(_costs_file(), costs)
     for dtype in dtypes:  # a process per kernel: each pays what a load's first call pays (dynamo's start too)
         for name in names:
-            dtype_name = str(dtype).removeprefix("torch.")
-            command = [sys.executable, "-m", "qloader.quant.bnb_kernel", name, dtype_name]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"reading {name} back from the kernel cache failed: {done.stderr.strip()[-300:]}")
+            _fused_calls_in_a_fresh_process((name,), dtype)
     read = recorded_first_call_s()
     return [(key, seconds, read.get(key)) for key, seconds in compiled]
 
 
-if __name__ == "__main__":  # `warm_kernels`' fresh process: one kernel's first call, recorded as a cache read
+if __name__ == "__main__":  # `warm_kernels`' processes: DTYPE NAME...; prints [[cost-record key, seconds], ...]
+    import json
     import sys
 
-    _call_fused(sys.argv[1], getattr(torch, sys.argv[2]))
+    print(json.dumps([_call_fused(name, getattr(torch, sys.argv[1])) for name in sys.argv[2:]]))
