@@ -87,10 +87,12 @@ def _reference_log_probs(
     """
     from qloader.core.cache import cache_dir, discard, owner_tag, remove_dead_temps, warn_damaged
 
-    # CPU kernels split their sums by thread: the reference is computed with this process's thread count and
-    # keyed on it, so an unquantized model agrees with its reference bit for bit.
+    # CPU kernels split their sums by thread and pick their code by instruction set (ATEN_CPU_CAPABILITY), and
+    # both change with the torch build: the reference is computed with this process's thread count and keyed on
+    # all three, so an unquantized model agrees with its reference bit for bit.
     threads = torch.get_num_threads()
-    key = [[f.name, f.sha256] for f in checkpoint.files] + [str(dtype), auto_class, f"threads={threads}"]
+    kernels = [f"torch={torch.__version__}", f"cpu={torch.backends.cpu.get_cpu_capability()}", f"threads={threads}"]
+    key = [[f.name, f.sha256] for f in checkpoint.files] + [str(dtype), auto_class, *kernels]
     key += [[name, tensor.tolist()] for name, tensor in sorted(inputs.items())]
     folder = cache_dir() / "probe-reference"
     path = folder / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}.pt"
