@@ -174,14 +174,6 @@ def test_auto_picks_fused_only_when_the_elements_win_back_the_first_call(tmp_pat
         "(cache hit recorded on this host) -> fused",
     )
     assert choose_kernel("auto", "int8_vectorwise_quant", 100_000_000)[0] == "bnb"  # int8 has no record yet
-    bnb_kernel._record_first_call("quantize_4bit/torch.bfloat16/nf4", 9.9, cold=False)  # a cache read on a busy box
-    assert "its first call costs 0.5 s" in choose_kernel("auto", "quantize_4bit", 100_000_000)[1]  # not the 9.9
-    bnb_kernel._record_first_call("quantize_4bit/torch.bfloat16/nf4", 0.25, cold=False)
-    bnb_kernel._record_first_call("quantize_4bit/torch.bfloat16/nf4", 30.0, cold=True)
-    assert bnb_kernel.recorded_first_call_s() == {
-        "quantize_4bit/torch.bfloat16/nf4": 0.25,
-        "cold:quantize_4bit/torch.bfloat16/nf4": 30.0,
-    }
     assert choose_kernel("auto", "quantize_4bit", 0)[0] == "bnb"
     assert choose_kernel("bnb", "quantize_4bit", 10**12) == ("bnb", "quant.kernel=bnb")
 

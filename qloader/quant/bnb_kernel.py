@@ -138,9 +138,7 @@ def _costs_file() -> Path:
 
 
 def recorded_first_call_s() -> dict[str, float]:
-    """op/dtype -> the fewest first-call seconds measured on this host with the cache warm ('cold:' keys: the last
-    compile). A cache read does not get slower on one host; a slower one met a busy machine, and keeping it would
-    turn `auto` to bitsandbytes' kernel for good, as a kernel `auto` leaves unused is never timed again.
+    """op/dtype -> the last first-call seconds measured on this host with the cache warm ('cold:' keys: a compile).
 
     The record only steers `auto`: a file that is not a JSON object of seconds (`[]`, a string, a folder in its
     place) is removed with one warning, and the next first call records afresh.
@@ -168,10 +166,7 @@ def _record_first_call(key: str, seconds: float, cold: bool) -> None:
     from qloader.core.files import write_json_atomic
 
     costs = recorded_first_call_s()
-    if cold:
-        costs[f"cold:{key}"] = round(seconds, 3)
-    else:
-        costs[key] = round(min(seconds, costs.get(key, float("inf"))), 3)
+    costs[f"{'cold:' if cold else ''}{key}"] = round(seconds, 3)
     with contextlib.suppress(OSError):  # a read-only cache: the next load estimates again
         _costs_file().parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(_costs_file(), costs)
