@@ -145,18 +145,23 @@ def test_a_cancelled_job_is_killed_in_its_stage_and_resume_reruns_only_it(tmp_pa
     assert record["status"] == "succeeded" and [e["status"] for e in record["earlier"]] == ["failed"]
 
 
+TIME_LIMIT = ("hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=45")
+
+
 def test_a_job_past_its_time_limit_is_killed_with_that_cause(tmp_path) -> None:
     """Before: `UncompletedJobError: Job not requeued because: timed-out too many times.`, no summary, and the
-    job's manifest left `running`. SLURM warns a job (SIGUSR2) `signal_delay_s` before its time limit; a job of
-    one minute gets the warning at once, on the controller's next check."""
+    job's manifest left `running`. SLURM warns a job (SIGUSR2) `signal_delay_s` before its time limit, on the
+    controller's next check: a limit of 2 minutes with a 45 s delay warns it about 75 s after it starts, once it
+    is in its load stage (a 1-minute limit under the default 120 s delay warned it at once, before a job whose
+    imports were slow had begun)."""
     gate = tmp_path / "gate"  # never opened: the job cannot finish in time
     job = "quant._target_=gated_method.RtnInt8Config"
-    result = slurm_sweep(*TINY, job, "hydra.launcher.timeout_min=1", sweep_dir=tmp_path / "sweep", gate=gate)
+    result = slurm_sweep(*TINY, job, *TIME_LIMIT, sweep_dir=tmp_path / "sweep", gate=gate)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "1 of 1 jobs did not succeed: #0" in result.stderr
     killed = manifest(tmp_path / "sweep", 0)
     assert killed["status"] == "killed" and killed["error"]["cause"] == "time limit"
-    assert killed["error"]["stage"] is not None and "time limit 00:01:00" in killed["error"]["message"]
+    assert killed["error"]["stage"] is not None and "time limit 00:02:00" in killed["error"]["message"]
     assert list(pd.read_csv(tmp_path / "sweep" / "summary.csv")["status"]) == ["killed"]
 
 
@@ -165,7 +170,7 @@ def test_a_requeued_job_writes_a_new_record_pointing_to_the_first(tmp_path) -> N
     its second attempt times out too, and each attempt has its own record."""
     gate, sweep_dir = tmp_path / "gate", tmp_path / "sweep"
     job = "quant._target_=gated_method.RtnInt8Config"
-    result = slurm_sweep(*TINY, job, "hydra.launcher.timeout_min=1", "hydra.launcher.max_num_timeout=1",
+    result = slurm_sweep(*TINY, job, *TIME_LIMIT, "hydra.launcher.max_num_timeout=1",
                          sweep_dir=sweep_dir, gate=gate)  # fmt: skip
     assert result.returncode == 1 and "1 of 1 jobs did not succeed: #0" in result.stderr, result.stderr
     first, second = manifest(sweep_dir, 0, "manifest.attempt-1.json"), manifest(sweep_dir, 0)
