@@ -42,9 +42,8 @@ test: setup
 
 # `make test` with bitsandbytes as on a CPU without AVX512-BF16, on any x86 CPU: every process of the suite
 # (subprocesses included) gets bitsandbytes' CPU test answering no (tests/emulate_avx2/sitecustomize.py).
-test-avx2: setup
-	PYTHONPATH="$(CURDIR)/tests/emulate_avx2$${PYTHONPATH:+:$$PYTHONPATH}" \
-		$(BIN)/python -m pytest $(XDIST) -m "not gptq and not slow and not slurm" $(PYTEST_ARGS)
+test-avx2:
+	PYTHONPATH="$(CURDIR)/tests/emulate_avx2$${PYTHONPATH:+:$$PYTHONPATH}" $(MAKE) test
 
 # The slow end-to-end tests; CI runs them after `make test`.
 test-slow: setup
