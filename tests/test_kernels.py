@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import bitsandbytes.functional as F
 import pytest
 import torch
@@ -179,8 +181,6 @@ def test_auto_picks_fused_only_when_the_elements_win_back_the_first_call(tmp_pat
 
 
 def test_auto_load_records_its_choice_and_keeps_the_cache_env_to_the_load(tmp_path, monkeypatch) -> None:
-    import os
-
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     result = qloader.load(["model=tiny-llama", "quant=bnb-nf4", "quant.kernel=fused"], run_dir=tmp_path / "a")
     kernel = result.manifest["quantization"]["kernel"]
@@ -214,3 +214,23 @@ def test_warm_compiles_a_kernel_and_times_its_cache_read_so_auto_weighs_a_measur
     loaded = qloader.load(["model=tiny-llama", "quant=bnb-int8", "quant.kernel=fused"], run_dir=tmp_path / "run")
     report = loaded.manifest["quantization"]["kernel"]
     assert (report["kernel"], report["fused_calls"], report["bnb_calls"]) == ("fused", 14, 0)
+
+
+@pytest.mark.slow
+def test_processes_starting_together_on_a_cold_cache_compile_a_kernel_once(tmp_path) -> None:
+    """Two processes' first fused int8 calls at once into one empty kernel cache: one compiles while the other
+    waits on the cache's lock, then reads what was compiled. So the record holds one compile and one cache read
+    (two compiles at once would record two compiles), and both processes' kernels ran."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "QLOADER_CACHE": str(tmp_path)}
+    command = [sys.executable, "-m", "qloader.quant.bnb_kernel", "bfloat16", "int8_vectorwise_quant"]
+    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    outs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-600:] for _, err in outs]
+    key = "int8_vectorwise_quant/torch.bfloat16"
+    assert [json.loads(out.splitlines()[-1])[0][0] for out, _ in outs] == [key, key]
+    costs = json.loads((tmp_path / "kernels" / f"torch-{torch.__version__}" / "first-call.json").read_text())
+    assert set(costs) == {f"cold:{key}", key}, costs

@@ -19,6 +19,7 @@ compile once per torch version and every later load (a sweep's jobs too) pays on
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -269,6 +270,28 @@ class _FusedOps:
     def __init__(self, report: KernelReport, fused: bool) -> None:
         self.report, self.fused, self.cold = report, fused, False
 
+    @contextmanager
+    def _first_call_lock(self, key: str, start: float) -> Iterator[float]:
+        """Yields when the call's timing starts. A kernel's first call in this process holds an exclusive flock in
+        the kernel cache: processes that start together on a cold cache compile into it one at a time (the
+        later ones then load what the first compiled) instead of all at once, and each writes its first-call
+        record in turn. The wait for another process is not this call's cost: the timing starts at the lock."""
+        if key in _CALLED or self.report.cache_dir is None:
+            yield start
+            return
+        cache = Path(self.report.cache_dir)
+        try:
+            fd = os.open(cache / "first-call.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:  # a read-only cache: no record is written either, and inductor compiles as it can
+            yield start
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.cold = not any(cache.glob("fxgraph/*"))  # another process may have compiled it meanwhile
+            yield time.perf_counter()
+        finally:
+            os.close(fd)  # releases the flock
+
     def _first_call(self, key: str, start: float) -> None:
         if self.report.first_call_s is None:
             self.report.first_call_s = round(time.perf_counter() - start, 3)
@@ -304,15 +327,17 @@ class _FusedOps:
         if not self.fused or not covered or A.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             self._count_bnb()
             return _bnb_4bit(A, blocksize, quant_type, quant_storage)
-        try:
-            # one graph per input dtype and quant type; sizes are dynamic
-            with torch._dynamo.config.patch(recompile_limit=64):
-                packed, absmax = _fused_4bit(A, blocksize, quant_type)
-        except Exception as e:
-            self._failed(e)
-            self._count_bnb()
-            return _bnb_4bit(A, blocksize, quant_type, quant_storage)
-        self._first_call(_cost_key("quantize_4bit", A.dtype, quant_type), start)
+        key = _cost_key("quantize_4bit", A.dtype, quant_type)
+        with self._first_call_lock(key, start) as start:
+            try:
+                # one graph per input dtype and quant type; sizes are dynamic
+                with torch._dynamo.config.patch(recompile_limit=64):
+                    packed, absmax = _fused_4bit(A, blocksize, quant_type)
+            except Exception as e:
+                self._failed(e)
+                self._count_bnb()
+                return _bnb_4bit(A, blocksize, quant_type, quant_storage)
+            self._first_call(key, start)
         if not bool(torch.isfinite(absmax).all()):  # NaN / Inf: bitsandbytes' own result, whatever it is
             self.report.fallback_calls += 1
             return _bnb_4bit(A, blocksize, quant_type, quant_storage)
@@ -334,14 +359,16 @@ class _FusedOps:
         if threshold > 0.0 and bool((A.abs() >= threshold).any()):  # outliers: bitsandbytes zeroes their columns
             self.report.fallback_calls += 1
             return _bnb_int8(A, threshold)
-        try:
-            with torch._dynamo.config.patch(recompile_limit=64):
-                out_row, row_stats = _compiled("int8_vectorwise_quant")(A.contiguous())
-        except Exception as e:
-            self._failed(e)
-            self._count_bnb()
-            return _bnb_int8(A, threshold)
-        self._first_call(_cost_key("int8_vectorwise_quant", A.dtype), start)
+        key = _cost_key("int8_vectorwise_quant", A.dtype)
+        with self._first_call_lock(key, start) as start:
+            try:
+                with torch._dynamo.config.patch(recompile_limit=64):
+                    out_row, row_stats = _compiled("int8_vectorwise_quant")(A.contiguous())
+            except Exception as e:
+                self._failed(e)
+                self._count_bnb()
+                return _bnb_int8(A, threshold)
+            self._first_call(key, start)
         # a zero row (127 / 0), NaN or Inf: bitsandbytes' own result, whatever its conversion gives
         if not bool(((row_stats > 0) & (row_stats < float("inf"))).all()):
             self.report.fallback_calls += 1
