@@ -43,10 +43,37 @@ def suite_cache_root() -> Path:
     return Path(tempfile.gettempdir()) / f"qloader-test-cache-{os.getuid()}" / key.hexdigest()[:16]
 
 
+STALE_AFTER_S = 3 * 24 * 3600
+"""A suite cache of other versions or builder sources that no run has used for this long is removed."""
+
+
+def prune_stale_suite_caches(root: Path) -> list[Path]:
+    """Marks `root` as used now, and removes its siblings (caches of other versions or builder sources) that no
+    suite has used for `STALE_AFTER_S`: each change to a builder source leaves a folder of converted checkpoints
+    and kernels behind. A run of another revision marks its own folder when it starts, so none in use goes."""
+    import shutil
+    import time
+
+    root.mkdir(parents=True, exist_ok=True)
+    os.utime(root)
+    removed = []
+    for sibling in root.parent.iterdir():
+        try:
+            stale = sibling != root and sibling.is_dir() and time.time() - sibling.stat().st_mtime > STALE_AFTER_S
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(sibling, ignore_errors=True)
+            removed.append(sibling)
+    return removed
+
+
 def pytest_configure(config) -> None:
     """Every cache the suite writes lives in `suite_cache_root()`, never in the user's ~/.cache; tests of the caches
     themselves point QLOADER_CACHE at a tmp_path of their own."""
     root = suite_cache_root()
+    if not os.environ.get("QLOADER_TEST_CACHE") and not os.environ.get("PYTEST_XDIST_WORKER"):
+        prune_stale_suite_caches(root)
     if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
         # xdist workers share the cores: each gets its share as torch threads (also in the processes it starts),
         # as a busy-waiting OpenMP pool per worker on every core would slow all of them down.
