@@ -24,7 +24,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,36 +268,43 @@ class _FusedOps:
     """The CPU implementations installed while a load runs: fused where covered, else bitsandbytes', timed."""
 
     def __init__(self, report: KernelReport, fused: bool) -> None:
-        self.report, self.fused, self.cold = report, fused, False
+        self.report, self.fused = report, fused
 
-    @contextmanager
-    def _first_call_lock(self, key: str, start: float) -> Iterator[float]:
-        """Yields when the call's timing starts. A kernel's first call in this process holds an exclusive flock in
-        the kernel cache: processes that start together on a cold cache compile into it one at a time (the
-        later ones then load what the first compiled) instead of all at once, and each writes its first-call
-        record in turn. The wait for another process is not this call's cost: the timing starts at the lock."""
-        if key in _CALLED or self.report.cache_dir is None:
-            yield start
-            return
-        cache = Path(self.report.cache_dir)
+    def _run_fused(self, key: str, start: float, kernel: Callable[[], tuple]) -> tuple | None:
+        """`kernel()`'s outputs, or None when it failed (then bitsandbytes' kernel is to run: `_failed` says so).
+
+        A kernel's first call in this process holds an exclusive flock in the kernel cache: processes that start
+        together on a cold cache compile into it one at a time (the later ones then read what the first
+        compiled) instead of all at once, and each writes its first-call record in turn. Waiting for another
+        process is not this call's cost: its timing starts once the lock is held."""
+        first = key not in _CALLED and self.report.cache_dir is not None
+        fd = None
+        if first:
+            with contextlib.suppress(OSError):  # a read-only cache: no record is written either
+                fd = os.open(Path(self.report.cache_dir) / "first-call.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fd = os.open(cache / "first-call.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:  # a read-only cache: no record is written either, and inductor compiles as it can
-            yield start
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            self.cold = not any(cache.glob("fxgraph/*"))  # another process may have compiled it meanwhile
-            yield time.perf_counter()
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                start = time.perf_counter()
+            # a compile if nothing is cached yet (another process may have compiled it while this one waited)
+            cold = first and not any(Path(self.report.cache_dir).glob("fxgraph/*"))
+            try:
+                # one graph per op, input dtype and quant type; sizes are dynamic
+                with torch._dynamo.config.patch(recompile_limit=64):
+                    out = kernel()
+            except Exception as e:
+                self._failed(e)
+                self._count_bnb()
+                return None
+            if self.report.first_call_s is None:
+                self.report.first_call_s = round(time.perf_counter() - start, 3)
+            if key not in _CALLED:  # what a fresh process pays; a later load in this one finds it in memory
+                _CALLED.add(key)
+                _record_first_call(key, time.perf_counter() - start, cold)
+            return out
         finally:
-            os.close(fd)  # releases the flock
-
-    def _first_call(self, key: str, start: float) -> None:
-        if self.report.first_call_s is None:
-            self.report.first_call_s = round(time.perf_counter() - start, 3)
-        if key not in _CALLED:  # what a fresh process pays; a later load in this one finds the kernel in memory
-            _CALLED.add(key)
-            _record_first_call(key, time.perf_counter() - start, self.cold)
+            if fd is not None:
+                os.close(fd)  # releases the flock
 
     def _failed(self, e: Exception) -> None:
         """No C++ compiler, an unsupported platform: bitsandbytes' kernels for the rest of the load, recorded as
@@ -328,16 +335,10 @@ class _FusedOps:
             self._count_bnb()
             return _bnb_4bit(A, blocksize, quant_type, quant_storage)
         key = _cost_key("quantize_4bit", A.dtype, quant_type)
-        with self._first_call_lock(key, start) as start:
-            try:
-                # one graph per input dtype and quant type; sizes are dynamic
-                with torch._dynamo.config.patch(recompile_limit=64):
-                    packed, absmax = _fused_4bit(A, blocksize, quant_type)
-            except Exception as e:
-                self._failed(e)
-                self._count_bnb()
-                return _bnb_4bit(A, blocksize, quant_type, quant_storage)
-            self._first_call(key, start)
+        out = self._run_fused(key, start, lambda: _fused_4bit(A, blocksize, quant_type))
+        if out is None:
+            return _bnb_4bit(A, blocksize, quant_type, quant_storage)
+        packed, absmax = out
         if not bool(torch.isfinite(absmax).all()):  # NaN / Inf: bitsandbytes' own result, whatever it is
             self.report.fallback_calls += 1
             return _bnb_4bit(A, blocksize, quant_type, quant_storage)
@@ -360,15 +361,10 @@ class _FusedOps:
             self.report.fallback_calls += 1
             return _bnb_int8(A, threshold)
         key = _cost_key("int8_vectorwise_quant", A.dtype)
-        with self._first_call_lock(key, start) as start:
-            try:
-                with torch._dynamo.config.patch(recompile_limit=64):
-                    out_row, row_stats = _compiled("int8_vectorwise_quant")(A.contiguous())
-            except Exception as e:
-                self._failed(e)
-                self._count_bnb()
-                return _bnb_int8(A, threshold)
-            self._first_call(key, start)
+        out = self._run_fused(key, start, lambda: _compiled("int8_vectorwise_quant")(A.contiguous()))
+        if out is None:
+            return _bnb_int8(A, threshold)
+        out_row, row_stats = out
         # a zero row (127 / 0), NaN or Inf: bitsandbytes' own result, whatever its conversion gives
         if not bool(((row_stats > 0) & (row_stats < float("inf"))).all()):
             self.report.fallback_calls += 1
@@ -400,8 +396,6 @@ def quantization_kernels(
     try:
         with _inductor_cache(kernel_cache_dir()) if chosen == "fused" else _no_cache() as cache:
             report.cache_dir = cache
-            if cache is not None:
-                ops.cold = not any(Path(cache).glob("fxgraph/*"))
             for name in OPS:
                 library.impl(name, getattr(ops, name), "CPU")
             yield report
